@@ -17,6 +17,10 @@ from torchvision.transforms import v2
 # Refuse images above this many pixels before decoding them (decompression bombs): 40 MP is a
 # large phone photo; PIL's own guard only warns below 89 MP.
 MAX_IMAGE_PIXELS = 40_000_000
+# Formats PIL may try to decode. PIL knows ~70, several of them rarely used and weakly tested,
+# and EPS hands the file to Ghostscript; uploads and datasets only need the common ones. (Phone
+# MPO files open through the JPEG entry.)
+ALLOWED_FORMATS = ("AVIF", "BMP", "GIF", "JPEG", "PNG", "PPM", "TIFF", "WEBP")
 # Longest side over shortest side kept before resizing. Resizing the shorter side first would
 # turn a tiny 1,000,000x1 PNG into a 32,000,000x32 image (seconds of CPU, gigabytes of memory);
 # only the centre square survives the crop anyway, so the excess is cut before resizing.
@@ -54,7 +58,7 @@ def load_rgb(data: bytes | BinaryIO, draft_size: int | None = None) -> Image.Ima
     """
     fp = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
     try:
-        with Image.open(fp) as im:
+        with Image.open(fp, formats=ALLOWED_FORMATS) as im:
             # Image.open reads only the header: check the size before any pixel is decoded.
             width, height = im.size
             if width < 1 or height < 1:

@@ -5,7 +5,7 @@ import io
 import pytest
 from PIL import Image
 
-from shared.preprocess import MAX_ASPECT_RATIO, load_rgb, resize_crop
+from shared.preprocess import MAX_ASPECT_RATIO, ImageError, load_rgb, resize_crop
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -29,3 +29,17 @@ def test_resize_crop_leaves_ordinary_aspect_ratios_alone():
     wide.paste((200, 100, 50), (MAX_ASPECT_RATIO * 5 - 5, 0, MAX_ASPECT_RATIO * 5 + 5, 10))
     out = resize_crop(10)(wide)
     assert out[:, 5, 5].tolist() == [200, 100, 50]
+
+
+@pytest.mark.parametrize(
+    "fmt, save_args",
+    [("PCX", {}), ("TGA", {}), ("ICO", {}), ("EPS", {})],
+)
+def test_load_rgb_refuses_formats_outside_the_allowlist(fmt, save_args):
+    buffer = io.BytesIO()
+    try:
+        Image.new("RGB", (16, 16)).save(buffer, fmt, **save_args)
+    except OSError:
+        pytest.skip(f"PIL cannot write {fmt} here")
+    with pytest.raises(ImageError, match="not a recognised image format"):
+        load_rgb(buffer.getvalue())
