@@ -50,6 +50,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def before_request() -> None:
         g.start = time.perf_counter()
         predictor.ensure_started()
+        # A client that trickles its body must not hold a request thread forever. Gunicorn
+        # resets the socket to blocking (no timeout) before each request on the connection.
+        sock = request.environ.get("gunicorn.socket")
+        if sock is not None:
+            sock.settimeout(settings["CLIENT_TIMEOUT_SECONDS"])
 
     app.after_request(_record_request)
     app.register_blueprint(bp)

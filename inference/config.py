@@ -60,6 +60,11 @@ SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         _positive(float),
         "longest wait, s, of a request for its batch (503 beyond)",
     ),
+    "CLIENT_TIMEOUT_SECONDS": (
+        30.0,
+        _positive(float),
+        "longest pause, s, of a client sending its body or reading the answer (408 / cut)",
+    ),
     "TORCH_THREADS": (0, _non_negative(int), "torch intra-op threads (0: CPU cores / WORKERS)"),
     "WORKERS": (1, _positive(int), "Gunicorn worker processes (also sizes TORCH_THREADS)"),
     "LOG_LEVEL": ("info", str, "debug, info, warning or error"),

@@ -9,7 +9,7 @@ import torch
 from flask import Blueprint, Response, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.datastructures import FileStorage
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from inference import metrics
 from inference.batcher import BatchFailed, BatchTimeout, QueueFull
@@ -72,15 +72,29 @@ def read_uploads() -> list[FileStorage]:
         )
     try:
         files = request.files
+    except ClientDisconnected as exc:  # Werkzeug's wrapper around a failed socket read
+        if isinstance(exc.__context__, TimeoutError):
+            timeout = current_app.config["CLIENT_TIMEOUT_SECONDS"]
+            raise ApiError(
+                408,
+                "client_timeout",
+                f"the request body stalled for more than {timeout:g} s",
+                {"Connection": "close"},
+            ) from None
+        raise ApiError(400, "unreadable_body", "the request body could not be read") from None
     except HTTPException:
         raise  # 413 from the size limits
-    except Exception:  # noqa: BLE001 - broken chunking, a client gone mid-upload, ...
+    except Exception:  # noqa: BLE001 - broken chunking and other transport failures
         raise ApiError(400, "unreadable_body", "the request body could not be read") from None
     uploads = files.getlist(FIELD)
     if not uploads:
-        others = ", ".join(sorted(files.keys())[:5])
-        got = f"; got fields: {others}" if others else "; the form has no files"
-        raise ApiError(400, "no_file", f"send images in multipart fields named '{FIELD}'{got}")
+        if FIELD in request.form:
+            message = f"the '{FIELD}' field holds text, not a file (curl: -F {FIELD}=@photo.jpg)"
+        else:
+            fields = sorted(set(files.keys()) | set(request.form.keys()))
+            got = f"got fields: {', '.join(fields[:5])}" if fields else "the form is empty"
+            message = f"send images in multipart fields named '{FIELD}'; {got}"
+        raise ApiError(400, "no_file", message)
     limit = current_app.config["MAX_FILES"]
     if len(uploads) > limit:
         raise ApiError(

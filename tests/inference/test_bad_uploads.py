@@ -154,6 +154,12 @@ def test_missing_file_field_is_400(server):
     assert error["code"] == "no_file" and "image" in error["message"]
 
 
+def test_text_field_named_file_is_400_with_a_hint(server):
+    response = server.post("/predict", files={"file": (None, "cavalo.jpg")})
+    assert response.status_code == 400
+    assert "-F file=@" in response.json()["error"]["message"]
+
+
 def test_empty_multipart_form_is_400(server):
     headers = {"Content-Type": "multipart/form-data; boundary=xyz"}
     response = server.post("/predict", data=b"--xyz--\r\n", headers=headers)
