@@ -25,6 +25,7 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_starts_without_a_model_then_becomes_ready_when_one_is_published(tmp_path):
     models_dir = tmp_path / "models"  # does not even exist yet
     with run_server(models_dir, tmp_path) as server:
@@ -171,6 +172,7 @@ def test_refused_versions_never_serve_and_the_current_model_keeps_serving(tmp_pa
         assert server.get("/model").json()["last_error"] is None
 
 
+@pytest.mark.slow
 def test_failed_version_is_not_retried_until_latest_changes(tmp_path):
     models_dir = tmp_path / "models"
     good = publish_model(models_dir, seed=1)
@@ -186,6 +188,7 @@ def test_failed_version_is_not_retried_until_latest_changes(tmp_path):
         server.wait_for(lambda: server.model_version() == good, 10, "the good version")
 
 
+@pytest.mark.slow
 def test_rollback_is_picked_up(tmp_path):
     models_dir = tmp_path / "models"
     first = publish_model(models_dir, seed=1)

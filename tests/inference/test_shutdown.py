@@ -4,6 +4,7 @@ import signal
 import socket
 import time
 
+import pytest
 import requests
 
 from tests.inference.serving import image_bytes, publish_model, run_server, wait_ready
@@ -21,6 +22,7 @@ def multipart(boundary: str, data: bytes) -> bytes:
     )
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_request_in_flight_and_exits(tmp_path):
     models_dir = tmp_path / "models"
     publish_model(models_dir)
