@@ -29,6 +29,12 @@ def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _log_level(text: str) -> str:
+    if text.lower() not in ("debug", "info", "warning", "error", "critical"):
+        raise ValueError("must be debug, info, warning, error or critical")
+    return text.lower()
+
+
 def _device(text: str) -> str:
     if text != "auto" and text != "cpu" and not text.startswith("cuda"):
         raise ValueError("must be auto, cpu, cuda or cuda:N")
@@ -67,7 +73,7 @@ SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
     ),
     "TORCH_THREADS": (0, _non_negative(int), "torch intra-op threads (0: CPU cores / WORKERS)"),
     "WORKERS": (1, _positive(int), "Gunicorn worker processes (also sizes TORCH_THREADS)"),
-    "LOG_LEVEL": ("info", str, "debug, info, warning or error"),
+    "LOG_LEVEL": ("info", _log_level, "debug, info, warning or error"),
 }
 
 

@@ -91,7 +91,7 @@ def read_uploads() -> list[FileStorage]:
         if FIELD in request.form:
             message = f"the '{FIELD}' field holds text, not a file (curl: -F {FIELD}=@photo.jpg)"
         else:
-            fields = sorted(set(files.keys()) | set(request.form.keys()))
+            fields = sorted({safe_filename(k)[:40] for k in [*files.keys(), *request.form.keys()]})
             got = f"got fields: {', '.join(fields[:5])}" if fields else "the form is empty"
             message = f"send images in multipart fields named '{FIELD}'; {got}"
         raise ApiError(400, "no_file", message)

@@ -39,7 +39,8 @@ def test_settings_come_from_defaults_then_environment_then_overrides(monkeypatch
 
 
 @pytest.mark.parametrize(
-    "name, value", [("MAX_UPLOAD_MB", "ten"), ("MAX_FILES", "0"), ("DEVICE", "tpu")]
+    "name, value",
+    [("MAX_UPLOAD_MB", "ten"), ("MAX_FILES", "0"), ("DEVICE", "tpu"), ("LOG_LEVEL", "loud")],
 )
 def test_malformed_environment_value_names_the_variable(name, value):
     with pytest.raises(ValueError, match=name):
