@@ -59,6 +59,7 @@ def test_metrics_add_up_across_workers(tmp_path):
         for _ in range(12):
             assert server.post("/predict", files={"file": ("a.png", image_bytes())}).ok
         text = server.get("/metrics").text
-        assert sample(text, "inference_requests_total", route="/predict", status="200") == 12
-        assert sample(text, "inference_images_total", outcome="predicted") == 12
-        assert sample(text, "inference_model_info", version=version) == 1
+        requests_ok = sample(text, "inference_requests_total", route="/predict", status="200")
+        assert requests_ok == 12, text
+        assert sample(text, "inference_images_total", outcome="predicted") == 12, text
+        assert sample(text, "inference_model_info", version=version) == 1, text
