@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,8 +30,9 @@ FORMAT_VERSION = 1
 LATEST = "LATEST"
 WEIGHTS_FILE = "model.pt"
 META_FILE = "model.json"
-# 20261128T201500Z-3f9a1c: sorts by creation time, unique across concurrent publishers.
-VERSION_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+# 20261128T201500123Z-3f9a1c: UTC time to the millisecond, then a random suffix so that
+# concurrent publishers never collide; names sort by creation time.
+VERSION_RE = re.compile(r"^\d{8}T\d{9}Z-[0-9a-f]{6}$")
 # Accepted model.json image_size, in pixels: a hostile value must not make a server allocate
 # a gigantic warm-up batch.
 IMAGE_SIZE_RANGE = (8, 1024)
@@ -68,9 +70,22 @@ def default_models_dir() -> Path:
 
 
 def new_version_name(now: datetime | None = None) -> str:
-    """A fresh version name that sorts by UTC time."""
+    """A fresh version name that sorts by UTC time (millisecond resolution)."""
     now = now or datetime.now(UTC)
-    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    return f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
+
+
+def _next_version_name(models_dir: Path) -> str:
+    """A new name that sorts after every version already in the store (rollback relies on it)."""
+    newest = max(
+        (p.name for p in Path(models_dir).iterdir() if VERSION_RE.match(p.name)), default=""
+    )
+    while True:
+        name = new_version_name()
+        # Same millisecond as the newest (or a clock step back): wait for the clock to pass it.
+        if name[:18] > newest[:18]:
+            return name
+        time.sleep(0.001)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -122,7 +137,7 @@ def check_version_name(version: str) -> str:
     """Return `version` if it is a well-formed version name, else raise StoreError."""
     if not VERSION_RE.match(version):
         raise StoreError(
-            f"{version!r} is not a version name (expected like 20261128T201500Z-3f9a1c)"
+            f"{version!r} is not a version name (expected like 20261128T201500123Z-3f9a1c)"
         )
     return version
 
@@ -192,7 +207,7 @@ def publish(models_dir: Path, state_dict: dict, meta: dict, make_latest: bool = 
         models_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"cannot create models folder {models_dir}: {exc.strerror}") from None
-    version = new_version_name()
+    version = _next_version_name(models_dir)
     tmp = models_dir / f".tmp-{version}"
     try:
         tmp.mkdir()

@@ -48,11 +48,6 @@ def publish_model(
         "config": {"seed": seed},
         **meta_overrides,
     }
-    # Version names sort by the second they were made in, then by a random suffix: start a new
-    # second so that successive versions sort in publishing order (rollback relies on it).
-    latest = store.list_versions(models_dir)
-    while latest and store.new_version_name()[:16] <= latest[-1][:16]:
-        time.sleep(0.05)
     return store.publish(models_dir, model.state_dict(), meta, make_latest=make_latest)
 
 

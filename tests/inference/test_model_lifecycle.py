@@ -128,7 +128,7 @@ def missing_weights(models_dir, tmp_path) -> str:
 
 def absent_version(models_dir, tmp_path) -> str:
     """A well-formed version name with no folder."""
-    return "20990101T000000Z-abcdef"
+    return "20990101T000000000Z-abcdef"
 
 
 def outside_path(models_dir, tmp_path) -> str:
