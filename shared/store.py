@@ -107,7 +107,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        # Usually gone (renamed); on a read-only folder unlink fails too, and must not hide
+        # the error that matters.
+        with contextlib.suppress(OSError):
             tmp.unlink()
     _fsync_dir(path.parent)
 
@@ -182,7 +184,12 @@ def set_latest(models_dir: Path, version: str) -> None:
     meta_path = version_dir(models_dir, version) / META_FILE
     if not meta_path.is_file():
         raise StoreError(f"version {version} has no {META_FILE}")
-    atomic_write_bytes(Path(models_dir) / LATEST, f"{version}\n".encode())
+    try:
+        atomic_write_bytes(Path(models_dir) / LATEST, f"{version}\n".encode())
+    except OSError as exc:
+        raise StoreError(
+            f"cannot point {LATEST} at {version} in {models_dir}: {exc.strerror or exc}"
+        ) from None
 
 
 def rollback(models_dir: Path) -> str:
@@ -199,17 +206,15 @@ def rollback(models_dir: Path) -> str:
 def publish(models_dir: Path, state_dict: dict, meta: dict, make_latest: bool = True) -> str:
     """Write a new version (weights + model.json) and, by default, point LATEST at it.
 
-    The version appears under its name only once both files are complete and synced;
-    on any error the temporary folder is removed and LATEST is untouched.
+    All or nothing: the version appears under its name only once both files are complete and
+    synced, and on any error (LATEST included) it is removed again and LATEST is untouched.
     """
     models_dir = Path(models_dir)
+    tmp: Path | None = None
     try:
         models_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"cannot create models folder {models_dir}: {exc.strerror}") from None
-    version = _next_version_name(models_dir)
-    tmp = models_dir / f".tmp-{version}"
-    try:
+        version = _next_version_name(models_dir)
+        tmp = models_dir / f".tmp-{version}"
         tmp.mkdir()
         weights = tmp / WEIGHTS_FILE
         atomic_torch_save({k: v.detach().cpu() for k, v in state_dict.items()}, weights)
@@ -226,8 +231,14 @@ def publish(models_dir: Path, state_dict: dict, meta: dict, make_latest: bool = 
         _fsync_dir(models_dir)
         if make_latest:
             set_latest(models_dir, version)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, StoreError) as exc:
+        if tmp is not None:
+            # Out of sight first (a rename is atomic), then removed.
+            with contextlib.suppress(OSError):
+                os.rename(models_dir / version, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, StoreError):
+            raise
         reason = exc.strerror or str(exc)
         raise StoreError(f"cannot publish to {models_dir}: {reason}") from None
     return version
