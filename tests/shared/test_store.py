@@ -128,8 +128,43 @@ def test_symlinked_version_is_refused(tmp_path):
     models.mkdir()
     (models / version).symlink_to(outside / version)
     assert store.list_versions(models) == []
-    with pytest.raises(store.StoreError):
+    with pytest.raises(store.StoreError, match="is a symbolic link"):
         store.load_version(models, version)
+
+
+def link_elsewhere(path, tmp_path):
+    """Move `path` out of the store and leave a symlink to it in its place."""
+    moved = tmp_path / f"elsewhere-{path.name}"
+    os.replace(path, moved)
+    path.symlink_to(moved)
+
+
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("latest_symlink", "is a symbolic link"),
+        ("meta_symlink", "is a symbolic link"),
+        ("weights_symlink", "is a symbolic link"),
+        ("huge_latest", "more than the 256 bytes allowed"),
+        ("huge_meta", "more than the 1048576 bytes allowed"),
+    ],
+)
+def test_store_files_must_be_plain_files_of_bounded_size(tmp_path, case, reason):
+    models = tmp_path / "models"
+    version = publish_random_model(models)
+    folder = models / version
+    if case == "latest_symlink":
+        link_elsewhere(models / store.LATEST, tmp_path)
+    elif case == "meta_symlink":
+        link_elsewhere(folder / store.META_FILE, tmp_path)
+    elif case == "weights_symlink":  # the very same bytes, just not inside the store
+        link_elsewhere(folder / store.WEIGHTS_FILE, tmp_path)
+    elif case == "huge_latest":
+        os.truncate(models / store.LATEST, 256 << 20)  # sparse: costs no disk
+    else:
+        os.truncate(folder / store.META_FILE, 256 << 20)
+    with pytest.raises(store.StoreError, match=reason):
+        store.load_version(models, store.read_latest(models) if "latest" in case else version)
 
 
 def test_failed_publish_leaves_no_version_and_latest_unchanged(tmp_path, monkeypatch):
