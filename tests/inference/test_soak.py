@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.inference import hostile
+from tests import hostile
 from tests.inference.serving import image_bytes, publish_model, run_server, wait_ready
 from tests.inference.traffic import DROPPED, Kind, Load, MemorySampler, process_tree, summary
 
