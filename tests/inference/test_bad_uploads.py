@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.preprocess import eval_transform, load_rgb
+from shared.preprocess import MAX_IMAGE_PIXELS, eval_transform, load_rgb
 from shared.store import load_version
+from tests import hostile
 from tests.inference.serving import image_bytes
 
 
@@ -303,3 +304,14 @@ def test_malformed_http_gets_a_json_4xx(server, request_bytes, status):
 
 def test_server_log_has_no_tracebacks_after_bad_input(server):
     assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("name", list(hostile.BOMBS))
+def test_bomb_in_any_format_is_refused_by_its_declared_size(server, name):
+    files = [("file", ("ok.png", image_bytes())), ("file", (name, hostile.BOMBS[name]))]
+    response = server.post("/predict", files=files)
+    assert response.status_code == 200, response.text
+    good, bomb = response.json()["predictions"]
+    assert "category" in good
+    # The file has no pixel data at all: only a check of the header gives this reason.
+    assert f"the limit is {MAX_IMAGE_PIXELS} pixels" in bomb["error"]["message"]
