@@ -117,7 +117,7 @@ def on_starting(server) -> None:
 
 
 def post_worker_init(worker) -> None:
-    """In the worker: start model loading now, and turn readiness off when SIGTERM arrives."""
+    """In the worker: load the model before accepting requests; readiness off on SIGTERM."""
     predictor = getattr(worker.wsgi, "extensions", {}).get("inference")
     if predictor is None:
         return
@@ -129,6 +129,11 @@ def post_worker_init(worker) -> None:
         stop(sig, frame)
 
     signal.signal(signal.SIGTERM, handle_exit)
+    # Accept requests only once the first look at the store is over (model loaded, or none
+    # published, or refused). On SIGHUP, or when a worker is replaced, Gunicorn stops the old
+    # worker at once: the new one answered 503 no_model until its model loaded. Meanwhile
+    # connections wait in the listen backlog. Bounded well inside the heartbeat timeout.
+    predictor.holder.first_poll_done.wait(worker.cfg.timeout / 2)
 
 
 def child_exit(server, worker) -> None:

@@ -91,10 +91,13 @@ class ModelHolder:
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Set once the first poll is over: a model loaded, or none published, or refused.
+        self.first_poll_done = threading.Event()
 
     def start(self) -> None:
         """Start the poller thread; its first poll loads the model in the background."""
         self._stop.clear()
+        self.first_poll_done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="model-poller", daemon=True)
         self._thread.start()
 
@@ -110,6 +113,7 @@ class ModelHolder:
                 self.poll_once()
             except Exception:  # noqa: BLE001 - the poller must outlive any surprise
                 log.exception("model poll failed")
+            self.first_poll_done.set()
             self._stop.wait(self.poll_seconds)
 
     def _refuse(self, version: str | None, message: str) -> None:

@@ -1,4 +1,5 @@
-"""SIGTERM: readiness turns 503, the request in flight finishes, then Gunicorn exits cleanly."""
+"""SIGTERM: readiness turns 503, the request in flight finishes, then Gunicorn exits cleanly.
+SIGHUP: workers are replaced without a failed request."""
 
 import signal
 import socket
@@ -8,6 +9,16 @@ import pytest
 import requests
 
 from tests.inference.serving import image_bytes, publish_model, run_server, wait_ready
+from tests.inference.traffic import Kind, Load, process_tree, summary
+
+KIND = Kind(
+    "one_image",
+    1,
+    lambda session, url: session.post(
+        url + "/predict", files={"file": ("a.png", image_bytes())}, timeout=60
+    ),
+    (200,),
+)
 
 
 def multipart(boundary: str, data: bytes) -> bytes:
@@ -57,3 +68,25 @@ def test_sigterm_finishes_the_request_in_flight_and_exits(tmp_path):
 
         assert server.proc.wait(30) == 0
         assert "Traceback" not in server.log()
+
+
+@pytest.mark.slow
+def test_sighup_reload_under_load_fails_no_request(tmp_path):
+    # On SIGHUP Gunicorn starts a new worker and stops the old one at once: the new worker
+    # must not take requests before its model is loaded (they would get 503 no_model).
+    models_dir = tmp_path / "models"
+    version = publish_model(models_dir)
+    with run_server(models_dir, tmp_path) as server:
+        wait_ready(server)
+        old_workers = set(process_tree(server.proc.pid)) - {server.proc.pid}
+        load = Load(server.url, [KIND], concurrency=4).start()
+        time.sleep(1.0)
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for(
+            lambda: not old_workers & set(process_tree(server.proc.pid)), 60, "old worker gone"
+        )
+        time.sleep(1.0)
+        outcomes = load.stop()
+    assert len(outcomes) > 20, summary(outcomes)
+    assert not [o for o in outcomes if o.problem], summary(outcomes)
+    assert {o.version for o in outcomes} == {version}
