@@ -18,6 +18,7 @@ from inference.config import load_config
 from inference.errors import register_error_handlers
 from inference.predictor import Predictor
 from inference.routes import bp
+from inference.upload_deadline import UploadDeadlines
 
 
 def _record_request(response: Response) -> Response:
@@ -45,16 +46,27 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     predictor = Predictor(settings)
     app.extensions["inference"] = predictor
+    deadlines = UploadDeadlines(settings["UPLOAD_TIMEOUT_SECONDS"])
+    app.extensions["upload_deadlines"] = deadlines
 
     @app.before_request
     def before_request() -> None:
         g.start = time.perf_counter()
         predictor.ensure_started()
-        # A client that trickles its body must not hold a request thread forever. Gunicorn
-        # resets the socket to blocking (no timeout) before each request on the connection.
+        # A client that stalls or trickles its body must not hold a request thread forever:
+        # a timeout on each pause (Gunicorn resets the socket to blocking before each request
+        # on the connection), and a deadline for the whole body (a byte a second never pauses).
         sock = request.environ.get("gunicorn.socket")
         if sock is not None:
             sock.settimeout(settings["CLIENT_TIMEOUT_SECONDS"])
+            if request.content_length or request.headers.get("Transfer-Encoding"):
+                g.upload_watch = deadlines.watch(sock)
+
+    @app.teardown_request
+    def stop_watching_the_body(_error: BaseException | None) -> None:
+        watch = g.pop("upload_watch", None)
+        if watch is not None:
+            deadlines.release(watch)
 
     app.after_request(_record_request)
     app.register_blueprint(bp)

@@ -71,6 +71,11 @@ SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         _positive(float),
         "longest pause, s, of a client sending its body or reading the answer (408 / cut)",
     ),
+    "UPLOAD_TIMEOUT_SECONDS": (
+        120.0,
+        _positive(float),
+        "longest time, s, to receive a whole request body (408 beyond)",
+    ),
     "TORCH_THREADS": (0, _non_negative(int), "torch intra-op threads (0: CPU cores / WORKERS)"),
     "WORKERS": (1, _positive(int), "Gunicorn worker processes (also sizes TORCH_THREADS)"),
     "LOG_LEVEL": ("info", _log_level, "debug, info, warning or error"),

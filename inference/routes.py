@@ -6,7 +6,7 @@ import unicodedata
 from typing import Any
 
 import torch
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import ClientDisconnected, HTTPException
@@ -61,6 +61,25 @@ def parse_top_k(num_classes: int) -> int:
     return min(value, num_classes)
 
 
+def body_cut_off() -> bool:
+    """Whether the upload deadline cut this request's body short (and stop watching it)."""
+    watch = g.pop("upload_watch", None)
+    return watch is not None and current_app.extensions["upload_deadlines"].release(watch)
+
+
+def body_error(cause: BaseException | None, cut_off: bool) -> ApiError:
+    """The error for a body that could not be read: 408 when the client was too slow."""
+    if cut_off:
+        timeout = current_app.config["UPLOAD_TIMEOUT_SECONDS"]
+        message = f"the request body took more than {timeout:g} s to arrive"
+    elif isinstance(cause, TimeoutError):
+        timeout = current_app.config["CLIENT_TIMEOUT_SECONDS"]
+        message = f"the request body stalled for more than {timeout:g} s"
+    else:
+        return ApiError(400, "unreadable_body", "the request body could not be read")
+    return ApiError(408, "client_timeout", message, {"Connection": "close"})
+
+
 def read_uploads() -> list[FileStorage]:
     """The request's `file` parts, in upload order; 400/413 for malformed or oversized bodies."""
     if request.mimetype != "multipart/form-data":
@@ -73,19 +92,13 @@ def read_uploads() -> list[FileStorage]:
     try:
         files = request.files
     except ClientDisconnected as exc:  # Werkzeug's wrapper around a failed socket read
-        if isinstance(exc.__context__, TimeoutError):
-            timeout = current_app.config["CLIENT_TIMEOUT_SECONDS"]
-            raise ApiError(
-                408,
-                "client_timeout",
-                f"the request body stalled for more than {timeout:g} s",
-                {"Connection": "close"},
-            ) from None
-        raise ApiError(400, "unreadable_body", "the request body could not be read") from None
+        raise body_error(exc.__context__, body_cut_off()) from None
     except HTTPException:
         raise  # 413 from the size limits
-    except Exception:  # noqa: BLE001 - broken chunking and other transport failures
-        raise ApiError(400, "unreadable_body", "the request body could not be read") from None
+    except Exception as exc:  # noqa: BLE001 - broken chunking and other transport failures
+        raise body_error(exc, body_cut_off()) from None
+    if body_cut_off():  # cut short at the deadline, yet parsed: never use a partial form
+        raise body_error(None, cut_off=True)
     uploads = files.getlist(FIELD)
     if not uploads:
         if FIELD in request.form:

@@ -1,5 +1,6 @@
 """A client that stalls mid-upload holds one request thread for CLIENT_TIMEOUT_SECONDS at most."""
 
+import contextlib
 import socket
 import time
 
@@ -63,3 +64,44 @@ def test_client_that_keeps_its_socket_open_after_connection_close_blocks_no_one(
         finally:
             for sock in lingering:
                 sock.close()
+
+
+@pytest.mark.slow
+def test_trickled_upload_is_cut_off_by_the_upload_timeout(tmp_path):
+    # A byte every 0.3 s never trips the pause timeout (1 s), but the whole body must arrive
+    # within UPLOAD_TIMEOUT_SECONDS (3 s here): else one thread is held for as long as the
+    # client likes, and a few such clients take every thread.
+    models_dir = tmp_path / "models"
+    publish_model(models_dir)
+    env = {"CLIENT_TIMEOUT_SECONDS": "1", "UPLOAD_TIMEOUT_SECONDS": "3", "THREADS": "4"}
+    with run_server(models_dir, tmp_path, **env) as server:
+        wait_ready(server)
+        head = (
+            b"POST /predict HTTP/1.1\r\nHost: test\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'
+        )
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(head)
+            start = time.monotonic()
+            answer = b""
+            while time.monotonic() - start < 20 and not answer:
+                try:
+                    sock.sendall(b"\0")
+                except OSError:  # the server answered and closed
+                    break
+                time.sleep(0.3)
+                sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    answer = sock.recv(65536)
+                sock.setblocking(True)
+            waited = time.monotonic() - start
+            sock.settimeout(10)
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(65536):
+                    answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), (round(waited, 1), answer[:200])
+        assert b'"client_timeout"' in answer
+        assert waited < 10, f"cut off only after {waited:.1f} s"
+        response = server.post("/predict", files={"file": ("a.png", image_bytes())})
+        assert response.status_code == 200
