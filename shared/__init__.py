@@ -1,0 +1,1 @@
+"""The contract between trainer and inference: classes, model, preprocessing, model store."""

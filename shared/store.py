@@ -1,0 +1,268 @@
+"""The model store: publish, list, point LATEST at, and load self-describing model versions.
+
+Layout of MODELS_DIR:
+    <version>/model.pt     state_dict only (tensors), loadable with weights_only=True
+    <version>/model.json   format_version, arch, class names, preprocessing, metrics, sha256, ...
+    LATEST                 one line: the version to serve, replaced atomically
+A version folder is written as `.tmp-<version>` and renamed into place only when complete.
+"""
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shared.model import ARCHS, build_model
+
+FORMAT_VERSION = 1
+LATEST = "LATEST"
+WEIGHTS_FILE = "model.pt"
+META_FILE = "model.json"
+# 20261128T201500Z-3f9a1c: sorts by creation time, unique across concurrent publishers.
+VERSION_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+REQUIRED_META = (
+    "format_version",
+    "version",
+    "arch",
+    "num_classes",
+    "class_names",
+    "image_size",
+    "mean",
+    "std",
+    "sha256",
+    "metrics",
+)
+
+
+class StoreError(Exception):
+    """A model store operation failed; the message names the cause."""
+
+
+@dataclass
+class LoadedModel:
+    """A published version turned into an eval-mode model on a device."""
+
+    version: str
+    meta: dict
+    model: nn.Module
+    device: torch.device
+
+
+def default_models_dir() -> Path:
+    """MODELS_DIR from the environment, else ./volumes/models."""
+    return Path(os.environ.get("MODELS_DIR", "volumes/models"))
+
+
+def new_version_name(now: datetime | None = None) -> str:
+    """A fresh version name that sorts by UTC time."""
+    now = now or datetime.now(UTC)
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    """Atomically write `obj` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """torch.save through a temporary file: a crash never leaves a half-written checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_version_name(version: str) -> str:
+    """Return `version` if it is a well-formed version name, else raise StoreError."""
+    if not VERSION_RE.match(version):
+        raise StoreError(
+            f"{version!r} is not a version name (expected like 20261128T201500Z-3f9a1c)"
+        )
+    return version
+
+
+def version_dir(models_dir: Path, version: str) -> Path:
+    """The folder of `version`, refusing names or symlinks that lead outside `models_dir`."""
+    models_dir = Path(models_dir)
+    path = models_dir / check_version_name(version)
+    if path.is_symlink() or not path.is_dir():
+        raise StoreError(f"version {version} does not exist in {models_dir}")
+    return path
+
+
+def list_versions(models_dir: Path) -> list[str]:
+    """Complete versions in the store, oldest first (hidden temporary folders excluded)."""
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in models_dir.iterdir()
+        if VERSION_RE.match(p.name)
+        and p.is_dir()
+        and not p.is_symlink()
+        and (p / META_FILE).is_file()
+    )
+
+
+def read_latest(models_dir: Path) -> str | None:
+    """The version LATEST names, or None when there is no LATEST yet."""
+    try:
+        text = (Path(models_dir) / LATEST).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot read {LATEST}: {exc.strerror}") from None
+    return check_version_name(text.strip())
+
+
+def set_latest(models_dir: Path, version: str) -> None:
+    """Point LATEST at an existing, complete version (atomic replace)."""
+    meta_path = version_dir(models_dir, version) / META_FILE
+    if not meta_path.is_file():
+        raise StoreError(f"version {version} has no {META_FILE}")
+    atomic_write_bytes(Path(models_dir) / LATEST, f"{version}\n".encode())
+
+
+def rollback(models_dir: Path) -> str:
+    """Point LATEST at the version published before the current one; return it."""
+    versions = list_versions(models_dir)
+    current = read_latest(models_dir)
+    older = [v for v in versions if current is None or v < current]
+    if not older:
+        raise StoreError(f"no version older than {current} to roll back to")
+    set_latest(models_dir, older[-1])
+    return older[-1]
+
+
+def publish(models_dir: Path, state_dict: dict, meta: dict, make_latest: bool = True) -> str:
+    """Write a new version (weights + model.json) and, by default, point LATEST at it.
+
+    The version appears under its name only once both files are complete and synced;
+    on any error the temporary folder is removed and LATEST is untouched.
+    """
+    models_dir = Path(models_dir)
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create models folder {models_dir}: {exc.strerror}") from None
+    version = new_version_name()
+    tmp = models_dir / f".tmp-{version}"
+    try:
+        tmp.mkdir()
+        weights = tmp / WEIGHTS_FILE
+        atomic_torch_save({k: v.detach().cpu() for k, v in state_dict.items()}, weights)
+        full_meta = {
+            "format_version": FORMAT_VERSION,
+            "version": version,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            **meta,
+            "num_classes": len(meta["class_names"]),
+            "sha256": sha256_file(weights),
+        }
+        atomic_write_json(tmp / META_FILE, full_meta)
+        os.rename(tmp, models_dir / version)
+        _fsync_dir(models_dir)
+        if make_latest:
+            set_latest(models_dir, version)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror or str(exc)
+        raise StoreError(f"cannot publish to {models_dir}: {reason}") from None
+    return version
+
+
+def read_meta(models_dir: Path, version: str) -> dict:
+    """Read and validate a version's model.json."""
+    path = version_dir(models_dir, version) / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{version}: unreadable {META_FILE} ({exc})") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"{version}: {META_FILE} is not an object")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise StoreError(f"{version}: {META_FILE} lacks {', '.join(missing)}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise StoreError(f"{version}: unsupported format_version {meta['format_version']}")
+    if meta["arch"] not in ARCHS:
+        raise StoreError(f"{version}: unknown arch {meta['arch']!r}")
+    names = meta["class_names"]
+    if not isinstance(names, list) or len(names) != meta["num_classes"] or len(names) < 2:
+        raise StoreError(f"{version}: class_names does not match num_classes")
+    return meta
+
+
+def load_version(models_dir: Path, version: str, device: str | torch.device = "cpu") -> LoadedModel:
+    """Turn a published version into a ready eval-mode model: the one loader everyone uses.
+
+    Checks model.json, the sha256 of model.pt, loads tensors only (weights_only=True, so no
+    pickled code can run), and requires the state_dict to fit the declared arch exactly.
+    """
+    meta = read_meta(models_dir, version)
+    weights = version_dir(models_dir, version) / WEIGHTS_FILE
+    try:
+        digest = sha256_file(weights)
+    except OSError as exc:
+        raise StoreError(f"{version}: cannot read {WEIGHTS_FILE} ({exc.strerror})") from None
+    if digest != meta["sha256"]:
+        raise StoreError(f"{version}: sha256 of {WEIGHTS_FILE} does not match {META_FILE}")
+    try:
+        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for refused payloads
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreError(f"{version}: refused {WEIGHTS_FILE}: {first_line[:200]}") from None
+    model = build_model(meta["arch"], meta["num_classes"])
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first_line = str(exc).strip().splitlines()[0]
+        raise StoreError(
+            f"{version}: weights do not fit {meta['arch']}: {first_line[:200]}"
+        ) from None
+    device = torch.device(device)
+    model.to(device).eval()
+    return LoadedModel(version=version, meta=meta, model=model, device=device)

@@ -1,0 +1,457 @@
+"""Fine-tune ResNet-18 on CIFAR-10 and publish the best model: `python -m trainer --help`."""
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from shared import store
+from shared.classes import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+from shared.model import ARCHS, build_model
+from shared.preprocess import augment_batch, normalize_batch
+from trainer import TrainerError
+from trainer.data import Dataset, Split, load_folders, load_torchvision
+from trainer.run import RunDir
+from trainer.weights import load_initial_weights
+
+
+def env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Every option also reads the environment variable named in its help."""
+    p = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a = p.add_argument
+    a(
+        "--data-dir",
+        default=env("TRAIN_DATA_DIR", ""),
+        help="class folders DIR/train/<class>/*, optional DIR/valid, DIR/test; empty: download "
+        "CIFAR-10 into DATA_DIR (env TRAIN_DATA_DIR)",
+    )
+    a(
+        "--download-dir",
+        default=env("DATA_DIR", "volumes/data"),
+        help="where torchvision's CIFAR-10 is downloaded once and reused (env DATA_DIR)",
+    )
+    a("--epochs", type=int, default=int(env("EPOCHS", "4")), help="passes over train (env EPOCHS)")
+    a(
+        "--batch-size",
+        type=int,
+        default=int(env("BATCH_SIZE", "256")),
+        help="images per SGD step (env BATCH_SIZE)",
+    )
+    a(
+        "--lr",
+        type=float,
+        default=float(env("LR", "0.2")),
+        help="peak learning rate per SGD step (env LR)",
+    )
+    a(
+        "--schedule",
+        choices=["onecycle", "step"],
+        default=env("SCHEDULE", "onecycle"),
+        help="onecycle: linear warm-up then linear decay to 0; step: lr * lr-decay every "
+        "lr-period epochs, the original project's (env SCHEDULE)",
+    )
+    a(
+        "--warmup",
+        type=float,
+        default=float(env("WARMUP", "0.2")),
+        help="onecycle: fraction of all steps spent warming up (env WARMUP)",
+    )
+    a(
+        "--lr-period",
+        type=int,
+        default=int(env("LR_PERIOD", "4")),
+        help="step: epochs between decays (env LR_PERIOD)",
+    )
+    a(
+        "--lr-decay",
+        type=float,
+        default=float(env("LR_DECAY", "0.9")),
+        help="step: factor applied every lr-period epochs (env LR_DECAY)",
+    )
+    a(
+        "--momentum",
+        type=float,
+        default=float(env("MOMENTUM", "0.9")),
+        help="SGD Nesterov momentum (env MOMENTUM)",
+    )
+    a(
+        "--weight-decay",
+        type=float,
+        default=float(env("WEIGHT_DECAY", "5e-4")),
+        help="L2 penalty on conv/linear weights, not on BN or biases (env WEIGHT_DECAY)",
+    )
+    a(
+        "--label-smoothing",
+        type=float,
+        default=float(env("LABEL_SMOOTHING", "0.1")),
+        help="cross-entropy label smoothing (env LABEL_SMOOTHING)",
+    )
+    a(
+        "--image-size",
+        type=int,
+        default=int(env("IMAGE_SIZE", "32")),
+        help="side in pixels images are resized to, for training and serving (env IMAGE_SIZE)",
+    )
+    a(
+        "--crop-padding",
+        type=int,
+        default=int(env("CROP_PADDING", "4")),
+        help="random-crop padding in pixels, 0 disables cropping (env CROP_PADDING)",
+    )
+    a(
+        "--arch",
+        choices=ARCHS,
+        default=env("ARCH", "resnet18"),
+        help="resnet18: torchvision's; resnet18_cifar: 3x3 stride-1 stem, no max-pool (env ARCH)",
+    )
+    a(
+        "--weights",
+        default=env("WEIGHTS", "imagenet"),
+        help="imagenet (torchvision IMAGENET1K_V1, cached in TORCH_HOME), none, or a state_dict "
+        "PATH (env WEIGHTS)",
+    )
+    a(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default=env("DEVICE", "auto"),
+        help="auto: cuda when available (env DEVICE)",
+    )
+    a(
+        "--amp",
+        choices=["auto", "bf16", "off"],
+        default=env("AMP", "auto"),
+        help="bf16 autocast; auto: on for cuda and for CPUs with bf16 units (env AMP)",
+    )
+    a(
+        "--seed",
+        type=int,
+        default=int(env("SEED", "0")),
+        help="seed for split, init, order (env SEED)",
+    )
+    a(
+        "--valid-ratio",
+        type=float,
+        default=float(env("VALID_RATIO", "0.1")),
+        help="share of train held out per class when there is no valid/ (env VALID_RATIO)",
+    )
+    a(
+        "--models-dir",
+        default=env("MODELS_DIR", "volumes/models"),
+        help="model store to publish into (env MODELS_DIR)",
+    )
+    a(
+        "--runs-dir",
+        default=env("RUNS_DIR", "volumes/runs"),
+        help="where run folders go (env RUNS_DIR)",
+    )
+    a(
+        "--resume",
+        nargs="?",
+        const="newest",
+        default=None,
+        metavar="RUN_ID",
+        help="continue RUN_ID, or the newest unfinished run, from its last completed epoch",
+    )
+    args = p.parse_args(argv)
+    if args.epochs < 1 or args.batch_size < 1 or args.image_size < 8 or args.lr <= 0:
+        p.error("--epochs and --batch-size must be >= 1, --image-size >= 8, --lr > 0")
+    if not 0 < args.valid_ratio < 1 or not 0 <= args.warmup < 1 or args.crop_padding < 0:
+        p.error("--valid-ratio must be in (0, 1), --warmup in [0, 1), --crop-padding >= 0")
+    return args
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise TrainerError("--device cuda, but CUDA is not available (use --device cpu)")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def use_bf16(amp: str, device: torch.device) -> bool:
+    if amp != "auto":
+        return amp == "bf16"
+    # CPUs without native bf16 (no AVX512-BF16/AMX) run bf16 slower than fp32.
+    return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def lr_factor(config: dict, steps_per_epoch: int):
+    """LR multiplier as a function of the global step, for LambdaLR."""
+    total = config["epochs"] * steps_per_epoch
+    if config["schedule"] == "step":
+        return lambda step: config["lr_decay"] ** (step // steps_per_epoch // config["lr_period"])
+    warm = max(1, int(total * config["warmup"]))
+    return lambda step: (
+        (step + 1) / warm if step < warm else max(0.0, (total - step) / (total - warm))
+    )
+
+
+def train_one_epoch(model, opt, sched, train: Split, config, device, bf16, normalize, bar):
+    """One shuffled pass over train with per-batch augmentation on the device."""
+    model.train()
+    n = len(train)
+    # Drop a ragged last batch (BatchNorm on 1 image fails), unless it is the only batch.
+    steps = max(1, n // config["batch_size"])
+    order = torch.randperm(n)
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    for step in range(steps):
+        index = order[step * config["batch_size"] : (step + 1) * config["batch_size"]]
+        x = train.images[index].to(device, non_blocking=True)
+        y = train.labels[index].to(device, non_blocking=True)
+        x = augment_batch(x, pad=config["crop_padding"])
+        x = normalize(x).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=config["label_smoothing"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        # Accumulate on the device: no host sync per step.
+        total_loss += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        bar.update(len(y))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
+        if STOP.signum:
+            raise Interrupted
+    return total_loss.item() / seen, correct.item() / seen, seen
+
+
+@torch.inference_mode()
+def evaluate(model, split: Split, device, bf16, normalize, batch_size=512):
+    """Loss, accuracy and confusion matrix over a split, through the serving transform tail."""
+    model.eval()
+    k = int(split.labels.max()) + 1 if len(split) else 1
+    k = max(k, model.fc.out_features)
+    confusion = torch.zeros(k, k, dtype=torch.int64)
+    total_loss = 0.0
+    for start in range(0, len(split), batch_size):
+        x = split.images[start : start + batch_size].to(device)
+        y = split.labels[start : start + batch_size].to(device)
+        x = normalize(x).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x).float()
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        pred = logits.argmax(1)
+        confusion += torch.bincount(y.cpu() * k + pred.cpu(), minlength=k * k).view(k, k)
+    n = max(len(split), 1)
+    return total_loss / n, confusion.diag().sum().item() / n, confusion
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived: stop after the current batch."""
+
+
+class STOP:
+    signum = 0
+
+
+def _on_signal(signum, _frame):
+    STOP.signum = signum
+
+
+def load_data(config: dict) -> Dataset:
+    if config["data_dir"]:
+        return load_folders(
+            Path(config["data_dir"]), config["image_size"], config["valid_ratio"], config["seed"]
+        )
+    return load_torchvision(
+        Path(config["download_dir"]), config["image_size"], config["valid_ratio"], config["seed"]
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    if args.resume:
+        run = RunDir.find_unfinished(
+            args.runs_dir, None if args.resume == "newest" else args.resume
+        )
+        config = run.read_config()
+        state = run.load_state()
+        print(f"resuming run {run.run_id} after epoch {state['epoch'] if state else 0}")
+    else:
+        config = {k: v for k, v in vars(args).items() if k not in ("resume", "device")}
+        config["data_dir"] = str(Path(config["data_dir"]).resolve()) if args.data_dir else ""
+        run, state = RunDir.create(args.runs_dir), None
+        config["run_id"] = run.run_id
+    bf16 = use_bf16(config["amp"], device)
+    torch.manual_seed(config["seed"])
+
+    t0 = time.time()
+    data = load_data(config)
+    print(
+        f"data: {len(data.train)} train, {len(data.valid)} valid, "
+        f"{len(data.test) if data.test else 0} test images, {len(data.class_names)} classes, "
+        f"decoded in {time.time() - t0:.1f}s"
+    )
+    config["class_names"] = data.class_names
+    config["split"] = {
+        "valid_from_train": data.valid_from_train,
+        "valid_ratio": config["valid_ratio"],
+        "seed": config["seed"],
+        "train": len(data.train),
+        "valid": len(data.valid),
+    }
+    if state is None:
+        run.write_config(config)
+    weights_imagenet = config["weights"] == "imagenet"
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if weights_imagenet else (CIFAR10_MEAN, CIFAR10_STD)
+    normalize = normalize_batch(list(mean), list(std))
+
+    model = build_model(config["arch"], len(data.class_names))
+    if state is None:
+        load_initial_weights(model, config["weights"])
+    model.to(device, memory_format=torch.channels_last)
+    # No weight decay on BatchNorm and biases: it only fights their scale.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD(
+        [
+            {"params": decay, "weight_decay": config["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config["lr"],
+        momentum=config["momentum"],
+        nesterov=config["momentum"] > 0,
+    )
+    steps_per_epoch = max(1, len(data.train) // config["batch_size"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config, steps_per_epoch))
+    history, best_acc, start_epoch = [], -1.0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history, best_acc, start_epoch = state["history"], state["best_acc"], state["epoch"]
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        run.write_metrics(history)
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    train_seconds = sum(r["seconds"] for r in history)
+    train_examples = sum(r["examples"] for r in history)
+    try:
+        for epoch in range(start_epoch, config["epochs"]):
+            t_epoch = time.time()
+            lr = sched.get_last_lr()[0]
+            with tqdm(
+                total=steps_per_epoch * config["batch_size"],
+                unit="img",
+                leave=False,
+                desc=f"epoch {epoch + 1}/{config['epochs']}",
+                file=sys.stderr,
+            ) as bar:
+                train_loss, train_acc, seen = train_one_epoch(
+                    model, opt, sched, data.train, config, device, bf16, normalize, bar
+                )
+            train_time = time.time() - t_epoch
+            valid_loss, valid_acc, _ = evaluate(model, data.valid, device, bf16, normalize)
+            row = {
+                "epoch": epoch + 1,
+                "lr": round(lr, 6),
+                "train_loss": round(train_loss, 4),
+                "train_acc": round(train_acc, 4),
+                "valid_loss": round(valid_loss, 4),
+                "valid_acc": round(valid_acc, 4),
+                "examples_per_sec": round(seen / train_time, 1),
+                "seconds": round(time.time() - t_epoch, 2),
+                "examples": seen,
+            }
+            history.append(row)
+            train_seconds += train_time
+            train_examples += seen
+            if valid_acc > best_acc:
+                best_acc = valid_acc
+                run.save_best(model.state_dict())
+            state = {
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "history": history,
+                "best_acc": best_acc,
+                "rng_cpu": torch.get_rng_state(),
+                "valid_index_paths": data.valid.paths,
+            }
+            if device.type == "cuda":
+                state["rng_cuda"] = torch.cuda.get_rng_state()
+            run.save_state(state)
+            run.write_metrics(history)
+            print(
+                f"epoch {epoch + 1:>3}/{config['epochs']}  lr {lr:.4f}  "
+                f"train loss {train_loss:.3f} acc {train_acc:.3f}  "
+                f"valid loss {valid_loss:.3f} acc {valid_acc:.3f}  "
+                f"{row['examples_per_sec']:.1f} img/s  {row['seconds']:.1f}s",
+                flush=True,
+            )
+    except Interrupted:
+        done = history[-1]["epoch"] if history else 0
+        print(
+            f"\ninterrupted by signal {STOP.signum}; state saved after epoch {done}. "
+            f"Resume with: python -m trainer --resume {run.run_id}",
+            file=sys.stderr,
+        )
+        return 128 + STOP.signum
+
+    last = history[-1]
+    print(
+        f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, "
+        f"valid acc {last['valid_acc']:.3f}"
+    )
+    print(f"{train_examples / max(train_seconds, 1e-9):.1f} examples/sec on {[device]}")
+
+    model.load_state_dict(run.load_best())
+    metrics = {"valid_acc": round(best_acc, 4), "epochs": config["epochs"]}
+    if data.test is not None:
+        _, test_acc, confusion = evaluate(model, data.test, device, bf16, normalize)
+        per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+        metrics["test_acc"] = round(test_acc, 4)
+        metrics["test_per_class_acc"] = dict(
+            zip(data.class_names, [round(a, 4) for a in per_class])
+        )
+        run.plot_confusion(confusion, data.class_names)
+        print(f"test acc {test_acc:.4f} on {len(data.test)} images")
+    meta = {
+        "run_id": run.run_id,
+        "arch": config["arch"],
+        "class_names": data.class_names,
+        "image_size": config["image_size"],
+        "mean": list(mean),
+        "std": list(std),
+        "metrics": metrics,
+        "config": config,
+    }
+    try:
+        version = store.publish(Path(args.models_dir), model.state_dict(), meta)
+    except store.StoreError as exc:
+        raise TrainerError(f"{exc}; the run's best weights stay in {run.path}/best.pt") from None
+    run.write_result({"version": version, "metrics": metrics})
+    print(f"published model version {version} to {args.models_dir} (best valid acc {best_acc:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(parse_args()))
+    except TrainerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,155 @@
+"""Data sources: class folders or torchvision's CIFAR-10, decoded once into uint8 tensors."""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from shared.classes import CIFAR10_CLASSES
+from shared.preprocess import ImageError, load_rgb, resize_crop
+from trainer import TrainerError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+@dataclass
+class Split:
+    """Images of one split as uint8 (N, 3, S, S) with int64 labels, and where they came from."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "Split":
+        """The images at `index`, in that order."""
+        return Split(self.images[index], self.labels[index], [self.paths[i] for i in index])
+
+
+@dataclass
+class Dataset:
+    """Train, valid and optional test splits sharing one class list."""
+
+    class_names: list[str]
+    train: Split
+    valid: Split
+    test: Split | None
+    valid_from_train: bool
+
+
+def _class_folders(split_dir: Path) -> dict[str, list[Path]]:
+    folders = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return {
+        f.name: sorted(p for p in f.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        for f in folders
+    }
+
+
+def _decode_folder(split_dir: Path, class_names: list[str], image_size: int) -> Split:
+    """Decode every image below split_dir/<class>/ into one uint8 tensor; name unreadable files."""
+    files = _class_folders(split_dir)
+    if sorted(files) != class_names:
+        extra = sorted(set(files) - set(class_names))
+        lacking = sorted(set(class_names) - set(files))
+        raise TrainerError(
+            f"class folders in {split_dir} don't match train/: "
+            f"extra {extra or 'none'}, missing {lacking or 'none'}"
+        )
+    empty = [c for c in class_names if not files[c]]
+    if empty:
+        raise TrainerError(f"no images in {split_dir}/{empty[0]}/ (empty class folders: {empty})")
+    items = [(path, label) for label, c in enumerate(class_names) for path in files[c]]
+    to_tensor = resize_crop(image_size)
+
+    def decode(path: Path) -> torch.Tensor | str:
+        try:
+            with open(path, "rb") as f:
+                return to_tensor(load_rgb(f, draft_size=image_size))
+        except (ImageError, OSError) as exc:
+            return f"{path}: {exc}"
+
+    # PIL releases the GIL while decoding, so threads use every core without pickling costs.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        decoded = list(pool.map(decode, (p for p, _ in items), chunksize=256))
+    bad = [d for d in decoded if isinstance(d, str)]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise TrainerError(f"unreadable image {bad[0]}{more}")
+    return Split(
+        images=torch.stack(decoded),
+        labels=torch.tensor([label for _, label in items], dtype=torch.int64),
+        paths=[str(p.relative_to(split_dir.parent)) for p, _ in items],
+    )
+
+
+def stratified_split(
+    labels: torch.Tensor, ratio: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded per-class hold-out: (train_index, valid_index), each sorted."""
+    generator = torch.Generator().manual_seed(seed)
+    train_parts, valid_parts = [], []
+    for c in torch.unique(labels):
+        members = torch.nonzero(labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        # At least one image per class on each side, whenever the class has two.
+        n_valid = min(max(round(len(members) * ratio), 1), len(members) - 1)
+        valid_parts.append(members[:n_valid])
+        train_parts.append(members[n_valid:])
+    return torch.cat(train_parts).sort().values, torch.cat(valid_parts).sort().values
+
+
+def load_folders(data_dir: Path, image_size: int, valid_ratio: float, seed: int) -> Dataset:
+    """Read DIR/train/<class>/*, optional DIR/valid/ and DIR/test/, holding out valid if absent."""
+    data_dir = Path(data_dir)
+    train_dir = data_dir / "train"
+    if not train_dir.is_dir():
+        raise TrainerError(f"no train/ folder in {data_dir} (expected {train_dir}/<class>/*.jpg)")
+    class_names = sorted(_class_folders(train_dir))
+    if len(class_names) < 2:
+        raise TrainerError(f"{train_dir} needs at least two class folders, found {class_names}")
+    train = _decode_folder(train_dir, class_names, image_size)
+    splits = {
+        name: _decode_folder(data_dir / name, class_names, image_size)
+        for name in ("valid", "test")
+        if (data_dir / name).is_dir()
+    }
+    valid = splits.get("valid")
+    if valid is None:
+        train_index, valid_index = stratified_split(train.labels, valid_ratio, seed)
+        train, valid = train.subset(train_index), train.subset(valid_index)
+    return Dataset(class_names, train, valid, splits.get("test"), "valid" not in splits)
+
+
+def load_torchvision(root: Path, image_size: int, valid_ratio: float, seed: int) -> Dataset:
+    """Download CIFAR-10 once into `root` (reused after), hold out valid, keep the test set."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        train_set = CIFAR10(str(root), train=True, download=True)
+        test_set = CIFAR10(str(root), train=False, download=True)
+    except (OSError, RuntimeError) as exc:
+        raise TrainerError(
+            f"cannot download CIFAR-10 into {root} ({exc}); pass --data-dir with class folders"
+        ) from None
+    to_tensor = resize_crop(image_size)
+
+    def as_split(ds: CIFAR10, name: str) -> Split:
+        images = torch.stack([to_tensor(Image.fromarray(a)) for a in np.asarray(ds.data)])
+        labels = torch.tensor(ds.targets, dtype=torch.int64)
+        return Split(images, labels, [f"cifar10-{name}/{i}" for i in range(len(labels))])
+
+    train = as_split(train_set, "train")
+    train_index, valid_index = stratified_split(train.labels, valid_ratio, seed)
+    return Dataset(
+        list(CIFAR10_CLASSES),
+        train.subset(train_index),
+        train.subset(valid_index),
+        as_split(test_set, "test"),
+        True,
+    )
