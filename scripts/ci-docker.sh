@@ -19,6 +19,7 @@ set -euo pipefail
 
 BASE_TAG=${BASE_TAG:-local/python3-bookworm:base}
 DOCKERD_LOG=${DOCKERD_LOG:-/var/log/dockerd.log}
+DOCKERD_PIDFILE=/var/run/docker.pid
 DAEMON_WAIT_SECONDS=60
 # Debian's own client first: /usr/local/bin/docker (if any) may be a newer, unrelated build.
 CLIENTS=(/usr/bin/docker docker)
@@ -76,6 +77,13 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# True when process $1 exists and is not a zombie.
+alive() {
+  local state
+  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [[ -n $state && $state != Z ]]
+}
+
 need_root() { [[ $(id -u) == 0 ]] || die "$1 needs root (run as root, or install Docker yourself)"; }
 
 install_engine() {
@@ -131,19 +139,34 @@ start_daemon() {
     return
   fi
   need_root "starting dockerd"
-  log "daemon: starting dockerd in the background (log: $DOCKERD_LOG)"
-  # setsid + nohup: the daemon outlives this script and the shell that ran it.
-  setsid nohup dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
-  local i
+  local pid="" i
+  if [[ -s $DOCKERD_PIDFILE ]]; then
+    pid=$(<"$DOCKERD_PIDFILE")
+    if alive "$pid" && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == dockerd ]]; then
+      log "daemon: dockerd (pid $pid) is running but not answering yet; waiting"
+    else
+      # Left by a dockerd that was killed (a previous session's end): it blocks a new start.
+      log "daemon: removing stale $DOCKERD_PIDFILE (pid $pid is not a running dockerd)"
+      rm -f "$DOCKERD_PIDFILE"
+      pid=""
+    fi
+  fi
+  if [[ -z $pid ]]; then
+    log "daemon: starting dockerd in the background (log: $DOCKERD_LOG)"
+    # setsid + nohup: the daemon outlives this script and the shell that ran it.
+    setsid nohup dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
+    pid=$!
+  fi
   for ((i = 0; i < DAEMON_WAIT_SECONDS; i++)); do
     if daemon_up; then
       log "daemon: up after ${i}s"
       return
     fi
+    alive "$pid" || break
     sleep 1
   done
   tail -n 30 "$DOCKERD_LOG" >&2 || true
-  die "dockerd did not answer within ${DAEMON_WAIT_SECONDS}s (log: $DOCKERD_LOG)"
+  die "dockerd did not answer (waited ${i}s; log: $DOCKERD_LOG)"
 }
 
 build_base_image() {
