@@ -17,7 +17,7 @@ HOST_PORT=${HOST_PORT:-3000}
 PROJECT=${E2E_PROJECT:-cifar10-e2e}
 HEALTHY_TIMEOUT_S=180   # first start: Gunicorn, torch import, model load and warm-up
 RELOAD_TIMEOUT_S=30     # a new version must be served "within seconds"
-TINY_CLASSES=10
+TINY_CLASSES=10         # CIFAR-10's class names
 TINY_PER_CLASS=20       # 32x32 images per class in train/
 
 passed=0
@@ -115,10 +115,11 @@ from pathlib import Path
 from PIL import Image
 
 classes, per_class = int(sys.argv[1]), int(sys.argv[2])
+NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 rng = random.Random(0)
 root = Path("/data/tiny/train")
 for c in range(classes):
-    folder = root / f"class{c}"
+    folder = root / NAMES[c]
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(per_class):
         # One tint per class plus noise, so there is something to learn.
