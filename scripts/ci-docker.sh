@@ -2,7 +2,7 @@
 # Provision Docker for CI on a Debian 12 host that has no engine, then a local base image.
 #
 # Does nothing for a step that is already done, so it is safe to run before every `make e2e`:
-#   1. engine:  Debian 12's docker.io (engine 20.10 with BuildKit), unless `docker info` works;
+#   1. engine:  Debian 12's docker.io (engine 20.10 with BuildKit), unless dockerd is installed;
 #   2. compose: Compose v2 and buildx from Debian 13's docker-compose / docker-buildx packages
 #               (static binaries needing only libc6), fetched with apt pointed at a temporary
 #               trixie source list, so trixie never becomes a source of the system;
