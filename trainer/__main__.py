@@ -25,9 +25,17 @@ def env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit 2) instead of usage plus message."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Every option also reads the environment variable named in its help."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m trainer",
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -44,17 +52,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=env("DATA_DIR", "volumes/data"),
         help="where torchvision's CIFAR-10 is downloaded once and reused (env DATA_DIR)",
     )
-    a("--epochs", type=int, default=int(env("EPOCHS", "4")), help="passes over train (env EPOCHS)")
+    a("--epochs", type=int, default=env("EPOCHS", "4"), help="passes over train (env EPOCHS)")
     a(
         "--batch-size",
         type=int,
-        default=int(env("BATCH_SIZE", "256")),
+        default=env("BATCH_SIZE", "256"),
         help="images per SGD step (env BATCH_SIZE)",
     )
     a(
         "--lr",
         type=float,
-        default=float(env("LR", "0.2")),
+        default=env("LR", "0.2"),
         help="peak learning rate per SGD step (env LR)",
     )
     a(
@@ -67,49 +75,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a(
         "--warmup",
         type=float,
-        default=float(env("WARMUP", "0.2")),
+        default=env("WARMUP", "0.2"),
         help="onecycle: fraction of all steps spent warming up (env WARMUP)",
     )
     a(
         "--lr-period",
         type=int,
-        default=int(env("LR_PERIOD", "4")),
+        default=env("LR_PERIOD", "4"),
         help="step: epochs between decays (env LR_PERIOD)",
     )
     a(
         "--lr-decay",
         type=float,
-        default=float(env("LR_DECAY", "0.9")),
+        default=env("LR_DECAY", "0.9"),
         help="step: factor applied every lr-period epochs (env LR_DECAY)",
     )
     a(
         "--momentum",
         type=float,
-        default=float(env("MOMENTUM", "0.9")),
+        default=env("MOMENTUM", "0.9"),
         help="SGD Nesterov momentum (env MOMENTUM)",
     )
     a(
         "--weight-decay",
         type=float,
-        default=float(env("WEIGHT_DECAY", "5e-4")),
+        default=env("WEIGHT_DECAY", "5e-4"),
         help="L2 penalty on conv/linear weights, not on BN or biases (env WEIGHT_DECAY)",
     )
     a(
         "--label-smoothing",
         type=float,
-        default=float(env("LABEL_SMOOTHING", "0.1")),
+        default=env("LABEL_SMOOTHING", "0.1"),
         help="cross-entropy label smoothing (env LABEL_SMOOTHING)",
     )
     a(
         "--image-size",
         type=int,
-        default=int(env("IMAGE_SIZE", "32")),
+        default=env("IMAGE_SIZE", "32"),
         help="side in pixels images are resized to, for training and serving (env IMAGE_SIZE)",
     )
     a(
         "--crop-padding",
         type=int,
-        default=int(env("CROP_PADDING", "4")),
+        default=env("CROP_PADDING", "4"),
         help="random-crop padding in pixels, 0 disables cropping (env CROP_PADDING)",
     )
     a(
@@ -139,13 +147,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a(
         "--seed",
         type=int,
-        default=int(env("SEED", "0")),
+        default=env("SEED", "0"),
         help="seed for split, init, order (env SEED)",
     )
     a(
         "--valid-ratio",
         type=float,
-        default=float(env("VALID_RATIO", "0.1")),
+        default=env("VALID_RATIO", "0.1"),
         help="share of train held out per class when there is no valid/ (env VALID_RATIO)",
     )
     a(
@@ -167,10 +175,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="continue RUN_ID, or the newest unfinished run, from its last completed epoch",
     )
     args = p.parse_args(argv)
+    for action in p._actions:  # argparse checks choices on the command line, not env defaults
+        if action.choices and getattr(args, action.dest) not in action.choices:
+            p.error(f"{action.option_strings[0]} must be one of {', '.join(action.choices)}")
     if args.epochs < 1 or args.batch_size < 1 or args.image_size < 8 or args.lr <= 0:
         p.error("--epochs and --batch-size must be >= 1, --image-size >= 8, --lr > 0")
     if not 0 < args.valid_ratio < 1 or not 0 <= args.warmup < 1 or args.crop_padding < 0:
         p.error("--valid-ratio must be in (0, 1), --warmup in [0, 1), --crop-padding >= 0")
+    if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
+        p.error(f"--weights {args.weights}: no such file (or use 'imagenet' or 'none')")
     return args
 
 
@@ -347,7 +360,7 @@ def main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    train_seconds = sum(r["seconds"] for r in history)
+    train_seconds = sum(r["train_seconds"] for r in history)
     train_examples = sum(r["examples"] for r in history)
     try:
         for epoch in range(start_epoch, config["epochs"]):
@@ -357,6 +370,7 @@ def main(args: argparse.Namespace) -> int:
                 total=steps_per_epoch * config["batch_size"],
                 unit="img",
                 leave=False,
+                mininterval=2.0,
                 desc=f"epoch {epoch + 1}/{config['epochs']}",
                 file=sys.stderr,
             ) as bar:
@@ -375,6 +389,7 @@ def main(args: argparse.Namespace) -> int:
                 "examples_per_sec": round(seen / train_time, 1),
                 "seconds": round(time.time() - t_epoch, 2),
                 "examples": seen,
+                "train_seconds": train_time,
             }
             history.append(row)
             train_seconds += train_time

@@ -1,0 +1,74 @@
+"""Fixtures shared by all tests: tiny generated image folders and a published model."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from shared import store
+from shared.classes import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
+from shared.model import build_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def class_image(label: int, rng: random.Random, size: int = 32) -> Image.Image:
+    """A learnable image: a class-specific colour with a bright square and pixel noise."""
+    base = ((label * 53) % 256, (255 - label * 29) % 256, (label * 97 + 40) % 256)
+    im = Image.new("RGB", (size, size), base)
+    x, y = rng.randrange(size // 2), rng.randrange(size // 2)
+    im.paste((255 - base[0], 255 - base[1], 255 - base[2]), (x, y, x + size // 3, y + size // 3))
+    for _ in range(size):
+        im.putpixel((rng.randrange(size), rng.randrange(size)), tuple(rng.randrange(256) for _ in "rgb"))
+    return im
+
+
+def make_image_folders(root: Path, per_class: int = 8, splits=("train",), classes=None, seed=0) -> Path:
+    """Write root/<split>/<class>/<n>.(png|jpg) for each split; returns root."""
+    rng = random.Random(seed)
+    for split in splits:
+        for label, name in enumerate(classes or CIFAR10_CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for n in range(per_class):
+                suffix = "png" if n % 2 else "jpg"
+                class_image(label, rng).save(folder / f"{n:04d}.{suffix}")
+    return root
+
+
+@pytest.fixture
+def image_folders(tmp_path: Path) -> Path:
+    """A train-only dataset of 10 classes x 8 images."""
+    return make_image_folders(tmp_path / "data")
+
+
+def publish_random_model(models_dir: Path, arch: str = "resnet18", seed: int = 0, **meta) -> str:
+    """Publish an untrained model straight through the store (fast path for tests)."""
+    torch.manual_seed(seed)
+    model = build_model(arch, len(CIFAR10_CLASSES))
+    full = {
+        "run_id": f"test-{seed}",
+        "arch": arch,
+        "class_names": list(CIFAR10_CLASSES),
+        "image_size": 32,
+        "mean": list(CIFAR10_MEAN),
+        "std": list(CIFAR10_STD),
+        "metrics": {"valid_acc": 0.1},
+        "config": {"seed": seed},
+    }
+    full.update(meta)
+    return store.publish(models_dir, model.state_dict(), full)
+
+
+def run_trainer(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m trainer` for real, from the repo root, offline."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args],
+        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
