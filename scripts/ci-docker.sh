@@ -109,6 +109,7 @@ install_compose() {
   mirror_uri=$(mirror)
   log "compose: fetching docker-compose and docker-buildx from Debian 13 (trixie) at $mirror_uri"
   mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial" "$tmp/debs"
+  chown _apt "$tmp/debs" 2>/dev/null || true
   cat >"$tmp/trixie.sources" <<EOF
 Types: deb
 URIs: $mirror_uri
