@@ -17,6 +17,14 @@ from torchvision.transforms import v2
 # Refuse images above this many pixels before decoding them (decompression bombs): 40 MP is a
 # large phone photo; PIL's own guard only warns below 89 MP.
 MAX_IMAGE_PIXELS = 40_000_000
+# Formats PIL may try to decode. PIL knows ~70, several of them rarely used and weakly tested,
+# and EPS hands the file to Ghostscript; uploads and datasets only need the common ones. (Phone
+# MPO files open through the JPEG entry.)
+ALLOWED_FORMATS = ("AVIF", "BMP", "GIF", "JPEG", "PNG", "PPM", "TIFF", "WEBP")
+# Longest side over shortest side kept before resizing. Resizing the shorter side first would
+# turn a tiny 1,000,000x1 PNG into a 32,000,000x32 image (seconds of CPU, gigabytes of memory);
+# only the centre square survives the crop anyway, so the excess is cut before resizing.
+MAX_ASPECT_RATIO = 8
 # Background that transparent pixels are composited onto.
 BACKGROUND = (255, 255, 255)
 
@@ -50,7 +58,7 @@ def load_rgb(data: bytes | BinaryIO, draft_size: int | None = None) -> Image.Ima
     """
     fp = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
     try:
-        with Image.open(fp) as im:
+        with Image.open(fp, formats=ALLOWED_FORMATS) as im:
             # Image.open reads only the header: check the size before any pixel is decoded.
             width, height = im.size
             if width < 1 or height < 1:
@@ -74,12 +82,27 @@ def load_rgb(data: bytes | BinaryIO, draft_size: int | None = None) -> Image.Ima
         raise ImageError(f"image data is corrupt or truncated ({type(exc).__name__})") from None
 
 
+def crop_extreme_aspect(image: Image.Image) -> Image.Image:
+    """Cut the long side of a very elongated image to MAX_ASPECT_RATIO x its short side, centred."""
+    width, height = image.size
+    short = min(width, height)
+    if max(width, height) <= MAX_ASPECT_RATIO * short:
+        return image
+    keep = MAX_ASPECT_RATIO * short
+    if width > height:
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    top = (height - keep) // 2
+    return image.crop((0, top, width, top + keep))
+
+
 def resize_crop(image_size: int) -> v2.Compose:
     """Return the deterministic stage RGB PIL image -> uint8 tensor (3, image_size, image_size)."""
     # Shorter side to image_size, then the centre square: keeps the aspect ratio like
     # torchvision's eval presets. A no-op on 32x32 CIFAR images at image_size 32.
     return v2.Compose(
         [
+            crop_extreme_aspect,
             v2.Resize(image_size, antialias=True),
             v2.CenterCrop(image_size),
             v2.PILToTensor(),

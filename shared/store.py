@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import secrets
@@ -30,6 +31,9 @@ WEIGHTS_FILE = "model.pt"
 META_FILE = "model.json"
 # 20261128T201500Z-3f9a1c: sorts by creation time, unique across concurrent publishers.
 VERSION_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+# Accepted model.json image_size, in pixels: a hostile value must not make a server allocate
+# a gigantic warm-up batch.
+IMAGE_SIZE_RANGE = (8, 1024)
 REQUIRED_META = (
     "format_version",
     "version",
@@ -233,6 +237,22 @@ def read_meta(models_dir: Path, version: str) -> dict:
     names = meta["class_names"]
     if not isinstance(names, list) or len(names) != meta["num_classes"] or len(names) < 2:
         raise StoreError(f"{version}: class_names does not match num_classes")
+    if not all(isinstance(name, str) for name in names):
+        raise StoreError(f"{version}: class_names must be strings")
+    low, high = IMAGE_SIZE_RANGE
+    size = meta["image_size"]
+    if type(size) is not int or not low <= size <= high:
+        raise StoreError(f"{version}: image_size must be an integer from {low} to {high}")
+    for key in ("mean", "std"):
+        values = meta[key]
+        if not (
+            isinstance(values, list)
+            and len(values) == 3
+            and all(type(v) in (int, float) and math.isfinite(v) for v in values)
+        ):
+            raise StoreError(f"{version}: {key} must be a list of 3 numbers")
+    if min(meta["std"]) <= 0:
+        raise StoreError(f"{version}: std must be positive")
     return meta
 
 

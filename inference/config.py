@@ -1,0 +1,100 @@
+"""Settings of the inference app: defaults, then environment variables, then test overrides.
+
+Gunicorn's own settings (PORT, WORKERS, THREADS, timeouts) are read in gunicorn.conf.py.
+"""
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    return parse
+
+
+def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError("must be zero or more")
+        return value
+
+    return parse
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in ("debug", "info", "warning", "error", "critical"):
+        raise ValueError("must be debug, info, warning, error or critical")
+    return text.lower()
+
+
+def _device(text: str) -> str:
+    if text != "auto" and text != "cpu" and not text.startswith("cuda"):
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+    return text
+
+
+# name: (default, parser, meaning). Every entry is also read from the environment variable of
+# the same name; README-section.md documents the same table.
+SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
+    "MODELS_DIR": ("./volumes/models", str, "model store folder to serve from"),
+    "DEVICE": ("auto", _device, "auto (cuda when available), cpu, cuda or cuda:N"),
+    "MAX_UPLOAD_MB": (10.0, _positive(float), "largest request body, MiB (413 above)"),
+    "MAX_FILES": (64, _positive(int), "most `file` parts in one request (413 above)"),
+    "MODEL_POLL_SECONDS": (2.0, _positive(float), "seconds between reads of MODELS_DIR/LATEST"),
+    "TOP_K": (0, _non_negative(int), "top_k used when a request has no ?top_k= (0: no list)"),
+    "BATCH_MAX_IMAGES": (64, _positive(int), "images per forward pass before a batch closes"),
+    "BATCH_WAIT_MS": (
+        5.0,
+        _non_negative(float),
+        "longest wait, ms, for requests being decoded to join a batch",
+    ),
+    "QUEUE_MAX_IMAGES": (
+        256,
+        _positive(int),
+        "images waiting for the model before /predict answers 503 + Retry-After",
+    ),
+    "PREDICT_TIMEOUT_SECONDS": (
+        30.0,
+        _positive(float),
+        "longest wait, s, of a request for its batch (503 beyond)",
+    ),
+    "CLIENT_TIMEOUT_SECONDS": (
+        30.0,
+        _positive(float),
+        "longest pause, s, of a client sending its body or reading the answer (408 / cut)",
+    ),
+    "TORCH_THREADS": (0, _non_negative(int), "torch intra-op threads (0: CPU cores / WORKERS)"),
+    "WORKERS": (1, _positive(int), "Gunicorn worker processes (also sizes TORCH_THREADS)"),
+    "LOG_LEVEL": ("info", _log_level, "debug, info, warning or error"),
+}
+
+
+def load_config(
+    environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Resolve every setting: default, then `environ` (os.environ by default), then overrides.
+
+    Raises ValueError naming the variable when an environment value does not parse.
+    """
+    environ = os.environ if environ is None else environ
+    config = {}
+    for name, (default, parse, meaning) in SETTINGS.items():
+        config[name] = default
+        text = environ.get(name, "").strip()
+        if text:
+            try:
+                config[name] = parse(text)
+            except ValueError as exc:
+                raise ValueError(f"{name}={text!r}: {exc} ({meaning})") from None
+    config.update(overrides or {})
+    if config["QUEUE_MAX_IMAGES"] < config["MAX_FILES"]:
+        raise ValueError("QUEUE_MAX_IMAGES must be at least MAX_FILES (one full request)")
+    return config

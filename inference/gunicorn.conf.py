@@ -1,0 +1,111 @@
+"""Gunicorn settings for the inference service: `gunicorn -c inference/gunicorn.conf.py`.
+
+Run from the repo root inside the project's venv. Read by the Gunicorn master, so nothing here
+imports torch or the app: each worker builds the app (`preload_app = False`) and loads the model
+in its own background thread (post_worker_init below).
+
+Workers and threads: one process with threads is the default. Prediction is CPU/GPU bound and
+batched: a single model copy that uses every core (torch threads = cores / WORKERS) and gathers
+all concurrent requests into one batch beats several processes competing for the same cores,
+and on a GPU it means one CUDA context. Threads only decode uploads and wait for the batcher.
+"""
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+import gunicorn.util
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    return int(text) if text else default
+
+
+PORT = _env_int("PORT", 3000)
+WORKERS = _env_int("WORKERS", 1)
+
+wsgi_app = "inference:create_app()"
+bind = [f"0.0.0.0:{PORT}"]
+workers = WORKERS
+worker_class = "gthread"
+# Concurrent requests per worker: they decode in parallel (PIL releases the GIL) and then
+# wait for the shared batcher, so threads are cheap; match the clients you expect.
+threads = _env_int("THREADS", 16)
+preload_app = False  # the app and model must be created in the worker, not the master
+# Seconds without a heartbeat before the master kills a worker (the gthread main loop beats
+# independently of requests, so a long batch does not trip it).
+timeout = _env_int("TIMEOUT", 60)
+# Seconds a SIGTERM'd worker gets to finish in-flight requests before it is killed.
+graceful_timeout = _env_int("GRACEFUL_TIMEOUT", 30)
+keepalive = _env_int("KEEPALIVE", 5)  # seconds an idle client connection stays open
+accesslog = os.environ.get("ACCESS_LOG", "-") or None  # "-": stdout; empty: off
+errorlog = "-"
+# No gunicornc control socket: nothing uses it, and in $HOME it collides between instances
+# (tests run several) and fails on read-only or non-root homes.
+control_socket_disable = True
+loglevel = os.environ.get("LOG_LEVEL", "info")
+
+# OpenMP threads that spin while they wait steal the cores a batch needs as soon as anything
+# else runs on the machine: on a busy 2-core box a 5 ms forward pass took 500 ms with 2 torch
+# threads. Sleeping threads avoid that cliff. Set here, before any worker imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# Several workers: prometheus_client must write its values to files that /metrics merges. It
+# chooses its storage when first imported, so the variable is set before any import of it.
+_OWN_METRICS_DIR = WORKERS > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _OWN_METRICS_DIR:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="inference-metrics-")
+
+
+def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    """Gunicorn's own errors (malformed HTTP, oversized headers) as JSON, like the app's."""
+    code = reason.lower().replace(" ", "_")
+    body = json.dumps({"error": {"code": code, "message": mesg}}).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    gunicorn.util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+def on_starting(server) -> None:
+    """Master start: JSON error pages; clear stale metric files of a previous run."""
+    gunicorn.util.write_error = _write_json_error
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if metrics_dir:
+        Path(metrics_dir).mkdir(parents=True, exist_ok=True)
+        for stale in Path(metrics_dir).glob("*.db"):
+            stale.unlink()
+
+
+def post_worker_init(worker) -> None:
+    """In the worker: start model loading now, and turn readiness off when SIGTERM arrives."""
+    predictor = getattr(worker.wsgi, "extensions", {}).get("inference")
+    if predictor is None:
+        return
+    predictor.ensure_started()
+    stop = worker.handle_exit  # gthread: stop accepting, finish in-flight requests, exit
+
+    def handle_exit(sig, frame) -> None:
+        predictor.begin_shutdown()
+        stop(sig, frame)
+
+    signal.signal(signal.SIGTERM, handle_exit)
+
+
+def child_exit(server, worker) -> None:
+    """A worker is gone: drop its live gauges from the merged metrics."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server) -> None:
+    """Master exit: remove the metrics folder this config created."""
+    if _OWN_METRICS_DIR:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -1,0 +1,226 @@
+"""The served model: background reload from the model store, warm-up, atomic swap, prediction.
+
+A `ModelHolder` polls MODELS_DIR/LATEST. A new version is loaded by shared.store.load_version
+(sha256 checked, weights_only=True), warmed up with one forward pass, then published by a
+single reference assignment: requests that already hold the old `ServedModel` finish on it,
+and it is freed when the last of them lets go. A version that fails is never served, and is not
+tried again until LATEST names something else.
+"""
+
+import gc
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inference import metrics
+from inference.batcher import MicroBatcher
+from shared.preprocess import load_rgb, normalize_batch, resize_crop
+from shared.store import LoadedModel, StoreError, load_version, read_latest
+
+log = logging.getLogger(__name__)
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601 to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn DEVICE (auto/cpu/cuda[:N]) into a torch device; auto picks CUDA when present."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+@dataclass
+class ServedModel:
+    """A loaded version together with the preprocessing its model.json describes."""
+
+    loaded: LoadedModel
+    loaded_at: str = field(default_factory=now_iso)
+
+    def __post_init__(self) -> None:
+        meta = self.loaded.meta
+        self.image_size: int = meta["image_size"]
+        self.class_names: list[str] = list(meta["class_names"])
+        # The same two stages the trainer uses: resize_crop per image, normalize per batch.
+        self._to_tensor = resize_crop(self.image_size)
+        self._normalize = normalize_batch(meta["mean"], meta["std"])
+
+    @property
+    def version(self) -> str:
+        """The version name."""
+        return self.loaded.version
+
+    def prepare(self, data: bytes) -> torch.Tensor:
+        """Decode one uploaded file to uint8 (3, S, S); raises ImageError for unusable files."""
+        return self._to_tensor(load_rgb(data, draft_size=self.image_size))
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities, float32 (n, classes) on the CPU, for uint8 images (n, 3, S, S)."""
+        with torch.inference_mode():
+            # Move uint8 (4x smaller than float) to the device, normalize there.
+            x = self._normalize(images.to(self.loaded.device, non_blocking=True))
+            logits = self.loaded.model(x)
+            return logits.float().softmax(dim=1).cpu()
+
+    def warm_up(self) -> None:
+        """Run one forward pass; raise StoreError if the output is not what the meta promises."""
+        probs = self.probabilities(torch.zeros(1, 3, self.image_size, self.image_size).byte())
+        if probs.shape != (1, len(self.class_names)) or not torch.isfinite(probs).all():
+            raise StoreError(f"{self.version}: warm-up forward pass gave unusable output")
+
+
+class ModelHolder:
+    """Keeps the served model in step with MODELS_DIR/LATEST."""
+
+    def __init__(self, models_dir: Path, device: str, poll_seconds: float) -> None:
+        self.models_dir = Path(models_dir)
+        self.device_name = device
+        self.poll_seconds = poll_seconds
+        self.current: ServedModel | None = None  # replaced, never mutated: reads need no lock
+        self.latest: str | None = None  # what LATEST said at the last poll
+        self.last_error: dict[str, Any] | None = None
+        self._attempted: str | None = None  # the LATEST value last loaded or refused
+        self._poll_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the poller thread; its first poll loads the model in the background."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="model-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling (the served model stays)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - the poller must outlive any surprise
+                log.exception("model poll failed")
+            self._stop.wait(self.poll_seconds)
+
+    def _refuse(self, version: str | None, message: str) -> None:
+        log.error(
+            "refused model version %s: %s; still serving %s",
+            version,
+            message,
+            self.current.version if self.current else "nothing",
+        )
+        self.last_error = {"version": version, "message": message, "at": now_iso()}
+        metrics.MODEL_RELOADS.labels("refused").inc()
+
+    def poll_once(self) -> bool:
+        """Read LATEST and, if it names a version not yet tried, load and swap; True if swapped."""
+        with self._poll_lock:
+            try:
+                latest = read_latest(self.models_dir)
+            except StoreError as exc:
+                if self._attempted != f"!{exc}":
+                    self._attempted = f"!{exc}"
+                    self._refuse(None, str(exc))
+                return False
+            self.latest = latest
+            if latest is None or latest == self._attempted:
+                return False
+            self._attempted = latest
+            previous = self.current
+            if previous is not None and previous.version == latest:
+                return False
+            try:
+                loaded = load_version(self.models_dir, latest, resolve_device(self.device_name))
+                served = ServedModel(loaded)
+                served.warm_up()
+            except StoreError as exc:
+                self._refuse(latest, str(exc))
+                return False
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory: refuse, keep serving
+                self._refuse(latest, f"{latest}: {type(exc).__name__}: {exc}"[:300])
+                return False
+            self.current = served
+            self.last_error = None
+            metrics.MODEL_RELOADS.labels("loaded").inc()
+            metrics.set_served_version(latest, previous.version if previous else None)
+            log.info(
+                "serving model version %s (was %s)",
+                latest,
+                previous.version if previous else "nothing",
+            )
+            # Drop our reference to the old model; requests still using it keep it alive.
+            previous = None
+            gc.collect()
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+            return True
+
+
+class Predictor:
+    """What the routes use: the model holder, the micro-batcher, and the process lifecycle."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.holder = ModelHolder(
+            config["MODELS_DIR"], config["DEVICE"], config["MODEL_POLL_SECONDS"]
+        )
+        self.batcher = MicroBatcher(
+            run_batch=lambda served, images: served.probabilities(images),
+            max_images=config["BATCH_MAX_IMAGES"],
+            max_wait_s=config["BATCH_WAIT_MS"] / 1000,
+            max_queue_images=config["QUEUE_MAX_IMAGES"],
+            on_batch=metrics.observe_batch,
+        )
+        self.shutting_down = False
+        self._pid: int | None = None
+        self._start_lock = threading.Lock()
+
+    def ensure_started(self) -> None:
+        """Start the poller and batcher threads in this process, once (and again after a fork).
+
+        Called by Gunicorn's post_worker_init and before each request, never at import or in
+        create_app: with --preload the app is built in the master, which must not load models.
+        """
+        if self._pid == os.getpid():
+            return
+        with self._start_lock:
+            if self._pid == os.getpid():
+                return
+            threads = self.config["TORCH_THREADS"] or max(
+                1, len(os.sched_getaffinity(0)) // self.config["WORKERS"]
+            )
+            torch.set_num_threads(threads)
+            log.info(
+                "worker %d: %d torch threads, models from %s",
+                os.getpid(),
+                threads,
+                self.holder.models_dir,
+            )
+            self.batcher.start()
+            self.holder.start()
+            self._pid = os.getpid()
+
+    def begin_shutdown(self) -> None:
+        """Mark the process as stopping: readiness answers 503 from now on."""
+        self.shutting_down = True
+
+    def stop(self) -> None:
+        """Stop the background threads (tests; Gunicorn workers simply exit)."""
+        self.holder.stop()
+        self.batcher.stop()
+        self._pid = None
+
+    @property
+    def current(self) -> ServedModel | None:
+        """The model new requests use, or None before any version loaded."""
+        return self.holder.current

@@ -1,0 +1,237 @@
+"""HTTP routes: /predict, health, /model, /metrics and the web page."""
+
+import math
+import time
+import unicodedata
+from typing import Any
+
+import torch
+from flask import Blueprint, Response, current_app, jsonify, request
+from flask.typing import ResponseReturnValue
+from werkzeug.datastructures import FileStorage
+from werkzeug.exceptions import ClientDisconnected, HTTPException
+
+from inference import metrics
+from inference.batcher import BatchFailed, BatchTimeout, QueueFull
+from inference.errors import ApiError
+from inference.predictor import Predictor, ServedModel
+from shared.preprocess import ImageError
+
+bp = Blueprint("inference", __name__)
+
+FIELD = "file"
+MAX_FILENAME_CHARS = 255
+
+
+def predictor() -> Predictor:
+    """The app's Predictor."""
+    return current_app.extensions["inference"]
+
+
+def no_model_error() -> ApiError:
+    """503 for requests that need a model before one is loaded."""
+    retry = str(math.ceil(current_app.config["MODEL_POLL_SECONDS"]))
+    models_dir = current_app.config["MODELS_DIR"]
+    return ApiError(
+        503,
+        "no_model",
+        f"no model is loaded yet: run the trainer (python -m trainer) to publish one to "
+        f"{models_dir}; this server picks it up by itself",
+        {"Retry-After": retry},
+    )
+
+
+def safe_filename(name: str | None) -> str:
+    """The client's file name for echoing back: control characters dropped, length capped."""
+    name = "".join(c for c in (name or "") if unicodedata.category(c)[0] != "C")
+    return name[:MAX_FILENAME_CHARS]
+
+
+def parse_top_k(num_classes: int) -> int:
+    """?top_k= as an int in [0, num_classes], else the TOP_K default; 400 if malformed."""
+    text = request.args.get("top_k")
+    if text is None or text == "":
+        return min(current_app.config["TOP_K"], num_classes)
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ApiError(400, "invalid_top_k", f"top_k must be a whole number >= 0, got {text!r}")
+    return min(value, num_classes)
+
+
+def read_uploads() -> list[FileStorage]:
+    """The request's `file` parts, in upload order; 400/413 for malformed or oversized bodies."""
+    if request.mimetype != "multipart/form-data":
+        raise ApiError(
+            400,
+            "not_multipart",
+            f"send multipart/form-data with one or more '{FIELD}' fields "
+            f"(got {request.mimetype or 'no content type'})",
+        )
+    try:
+        files = request.files
+    except ClientDisconnected as exc:  # Werkzeug's wrapper around a failed socket read
+        if isinstance(exc.__context__, TimeoutError):
+            timeout = current_app.config["CLIENT_TIMEOUT_SECONDS"]
+            raise ApiError(
+                408,
+                "client_timeout",
+                f"the request body stalled for more than {timeout:g} s",
+                {"Connection": "close"},
+            ) from None
+        raise ApiError(400, "unreadable_body", "the request body could not be read") from None
+    except HTTPException:
+        raise  # 413 from the size limits
+    except Exception:  # noqa: BLE001 - broken chunking and other transport failures
+        raise ApiError(400, "unreadable_body", "the request body could not be read") from None
+    uploads = files.getlist(FIELD)
+    if not uploads:
+        if FIELD in request.form:
+            message = f"the '{FIELD}' field holds text, not a file (curl: -F {FIELD}=@photo.jpg)"
+        else:
+            fields = sorted({safe_filename(k)[:40] for k in [*files.keys(), *request.form.keys()]})
+            got = f"got fields: {', '.join(fields[:5])}" if fields else "the form is empty"
+            message = f"send images in multipart fields named '{FIELD}'; {got}"
+        raise ApiError(400, "no_file", message)
+    limit = current_app.config["MAX_FILES"]
+    if len(uploads) > limit:
+        raise ApiError(
+            413, "too_many_files", f"{len(uploads)} files sent; at most {limit} per request"
+        )
+    return uploads
+
+
+def prediction(
+    probs: torch.Tensor, class_names: list[str], top_k: int, filename: str
+) -> dict[str, Any]:
+    """The JSON entry for one image's probabilities."""
+    confidence, index = probs.max(dim=0)
+    entry: dict[str, Any] = {
+        "category": class_names[int(index)],
+        "category_index": int(index),
+        "confidence": round(float(confidence), 6),
+        "filename": filename,
+    }
+    if top_k:
+        values, indices = probs.topk(top_k)
+        entry["top_k"] = [
+            {"category": class_names[i], "category_index": i, "probability": round(v, 6)}
+            for v, i in zip(values.tolist(), indices.tolist(), strict=True)
+        ]
+    return entry
+
+
+def decode_uploads(
+    served: ServedModel, uploads: list[FileStorage]
+) -> tuple[list[torch.Tensor], list[int], dict[int, dict[str, str]]]:
+    """Decode each upload for `served`: (tensors, their upload indices, errors by index)."""
+    tensors: list[torch.Tensor] = []
+    slots: list[int] = []
+    errors: dict[int, dict[str, str]] = {}
+    for i, upload in enumerate(uploads):
+        data = upload.read()
+        try:
+            if not data:
+                raise ImageError("the file is empty")
+            tensors.append(served.prepare(data))
+            slots.append(i)
+        except ImageError as exc:
+            errors[i] = {"code": "invalid_image", "message": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - a decoder surprise is still the file's fault
+            current_app.logger.warning("decoding upload %d failed: %r", i, exc)
+            errors[i] = {"code": "invalid_image", "message": "the image cannot be decoded"}
+    return tensors, slots, errors
+
+
+@bp.post("/predict")
+def predict() -> ResponseReturnValue:
+    """Classify every uploaded image; bad files get an error entry in place of a prediction."""
+    uploads = read_uploads()
+    served = predictor().current
+    if served is None:
+        raise no_model_error()
+    top_k = parse_top_k(len(served.class_names))
+    names = [safe_filename(upload.filename) for upload in uploads]
+    with predictor().batcher.ticket() as ticket:
+        start = time.perf_counter()
+        tensors, slots, errors = decode_uploads(served, uploads)
+        metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - start)
+        metrics.IMAGES.labels("rejected").inc(len(errors))
+        if not tensors:
+            entries = [{"filename": names[i], "error": errors[i]} for i in range(len(names))]
+            raise ApiError(
+                422,
+                "no_usable_image",
+                f"none of the {len(names)} files is a usable image",
+                extra={"predictions": entries, "model_version": served.version},
+            )
+        timeout = current_app.config["PREDICT_TIMEOUT_SECONDS"]
+        try:
+            job = ticket.submit(served, torch.stack(tensors), timeout)
+        except (QueueFull, BatchTimeout) as exc:
+            metrics.QUEUE_REJECTIONS.inc()
+            raise ApiError(
+                503, "overloaded", f"server busy ({exc}); retry shortly", {"Retry-After": "1"}
+            ) from None
+        except BatchFailed as exc:
+            raise ApiError(500, "model_error", "the model failed on this batch") from exc
+    metrics.QUEUE_SECONDS.observe(job.queue_seconds)
+    metrics.IMAGES.labels("predicted").inc(len(tensors))
+    probs = dict(zip(slots, job.probs, strict=True))
+    entries = [
+        prediction(probs[i], served.class_names, top_k, names[i])
+        if i in probs
+        else {"filename": names[i], "error": errors[i]}
+        for i in range(len(names))
+    ]
+    return jsonify({"predictions": entries, "model_version": served.version})
+
+
+@bp.get("/health/live")
+def live() -> ResponseReturnValue:
+    """200 while the process answers."""
+    return jsonify({"status": "alive"})
+
+
+@bp.get("/health/ready")
+def ready() -> ResponseReturnValue:
+    """200 with a loaded, warmed model; 503 before that and while shutting down."""
+    if predictor().shutting_down:
+        raise ApiError(503, "shutting_down", "this worker is shutting down")
+    served = predictor().current
+    if served is None:
+        raise no_model_error()
+    return jsonify({"status": "ready", "version": served.version})
+
+
+@bp.get("/model")
+def model_info() -> ResponseReturnValue:
+    """The served version, its model.json, when it loaded, and the last reload error."""
+    holder = predictor().holder
+    served = holder.current
+    return jsonify(
+        {
+            "version": served.version if served else None,
+            "loaded_at": served.loaded_at if served else None,
+            "device": str(served.loaded.device) if served else None,
+            "latest": holder.latest,
+            "models_dir": str(holder.models_dir),
+            "last_error": holder.last_error,
+            "model": served.loaded.meta if served else None,
+        }
+    )
+
+
+@bp.get("/metrics")
+def metrics_text() -> ResponseReturnValue:
+    """Prometheus text format."""
+    body, content_type = metrics.render()
+    return Response(body, content_type=content_type)
+
+
+@bp.get("/")
+def index() -> ResponseReturnValue:
+    """The web page."""
+    return current_app.send_static_file("index.html")

@@ -1,0 +1,136 @@
+"""POST /predict with good images, against a real Gunicorn."""
+
+import io
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from shared.classes import CIFAR10_CLASSES
+from shared.preprocess import eval_transform, load_rgb
+from shared.store import load_version
+from tests.inference.serving import image_bytes
+
+
+def noise_image(seed: int, size: tuple[int, int], fmt: str) -> bytes:
+    """A random-noise-and-gradient image: varied enough that the model's answers differ."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    gradient = np.linspace(0, 255, width)[None, :, None] * rng.random(3)[None, None, :]
+    pixels = rng.integers(0, 256, (height, width, 3)) * rng.random() + gradient
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_original_client_three_files_in_upload_order(server, served_models, tmp_path):
+    _, version = served_models
+    paths = []
+    for name, color in [("cavalo.jpg", "brown"), ("cachorro.jpg", "gray"), ("sapo.png", "green")]:
+        path = tmp_path / name
+        Image.new("RGB", (64, 48), color).save(path)
+        paths.append(path)
+    # Exactly the original project's client call.
+    response = requests.post(
+        server.url + "/predict",
+        files=[
+            ("file", open(paths[0], "rb")),  # noqa: SIM115 - the original client's exact code
+            ("file", open(paths[1], "rb")),  # noqa: SIM115
+            ("file", open(paths[2], "rb")),  # noqa: SIM115
+        ],
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model_version"] == version
+    assert [p["filename"] for p in body["predictions"]] == [
+        "cavalo.jpg",
+        "cachorro.jpg",
+        "sapo.png",
+    ]
+    for entry in body["predictions"]:
+        assert list(entry) == ["category", "category_index", "confidence", "filename"]
+        assert entry["category"] == CIFAR10_CLASSES[entry["category_index"]]
+        assert 0.0 < entry["confidence"] <= 1.0
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_form_upload(server, tmp_path):
+    (tmp_path / "a.jpg").write_bytes(image_bytes(fmt="JPEG"))
+    (tmp_path / "b.png").write_bytes(image_bytes(color=(0, 0, 255)))
+    out = subprocess.run(
+        ["curl", "-s", "-F", "file=@a.jpg", "-F", "file=@b.png", server.url + "/predict"],
+        cwd=tmp_path,
+        capture_output=True,
+        check=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    assert '"filename":"a.jpg"' in out and '"filename":"b.png"' in out
+
+
+def test_top_k_lists_classes_by_falling_probability(server):
+    files = [("file", ("a.png", image_bytes())), ("file", ("b.png", image_bytes(color=(9, 9, 9))))]
+    body = server.post("/predict?top_k=3", files=files).json()
+    for entry in body["predictions"]:
+        top = entry["top_k"]
+        assert len(top) == 3
+        assert list(top[0]) == ["category", "category_index", "probability"]
+        assert top[0]["category"] == entry["category"]
+        assert top[0]["probability"] == entry["confidence"]
+        probabilities = [t["probability"] for t in top]
+        assert probabilities == sorted(probabilities, reverse=True)
+
+
+def test_top_k_beyond_the_class_count_lists_every_class(server):
+    body = server.post("/predict?top_k=50", files={"file": ("a.png", image_bytes())}).json()
+    top = body["predictions"][0]["top_k"]
+    assert sorted(t["category_index"] for t in top) == list(range(10))
+    assert sum(t["probability"] for t in top) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_top_k_zero_adds_no_list(server):
+    body = server.post("/predict?top_k=0", files={"file": ("a.png", image_bytes())}).json()
+    assert "top_k" not in body["predictions"][0]
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "1e3"])
+def test_top_k_rejects_malformed_values(server, value):
+    response = server.post(f"/predict?top_k={value}", files={"file": ("a.png", image_bytes())})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_top_k"
+
+
+def test_predictions_equal_in_process_evaluation_of_the_same_model(server, served_models):
+    """Serving and training can't drift: same model, same images, same answers and accuracy."""
+    models_dir, version = served_models
+    images = [
+        noise_image(i, size, fmt)
+        for i, (size, fmt) in enumerate(
+            [((32, 32), "PNG"), ((48, 40), "PNG"), ((300, 200), "JPEG"), ((31, 77), "PNG")] * 5
+        )
+    ]
+    labels = [i % 10 for i in range(len(images))]  # arbitrary "ground truth" for an accuracy
+    files = [("file", (f"img{i}.png", data)) for i, data in enumerate(images)]
+    response = server.post("/predict", files=files)
+    assert response.status_code == 200
+    served = response.json()["predictions"]
+
+    loaded = load_version(models_dir, version)
+    transform = eval_transform(loaded.meta)
+    size = loaded.meta["image_size"]
+    with torch.inference_mode():
+        batch = torch.stack([transform(load_rgb(data, draft_size=size)) for data in images])
+        probs = loaded.model(batch).softmax(dim=1)
+    expected = probs.argmax(dim=1).tolist()
+
+    assert [p["category_index"] for p in served] == expected
+    for entry, row in zip(served, probs, strict=True):
+        assert entry["confidence"] == pytest.approx(float(row.max()), abs=1e-4)
+    assert len(set(expected)) > 1, "the test images should not all land in one class"
+    served_acc = np.mean([p["category_index"] == y for p, y in zip(served, labels, strict=True)])
+    local_acc = np.mean([e == y for e, y in zip(expected, labels, strict=True)])
+    assert served_acc == local_acc
