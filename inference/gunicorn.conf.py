@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import gunicorn.util
@@ -72,9 +73,42 @@ def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     gunicorn.util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
+# Closing a connection "gracefully" (RFC 9112 9.6), Gunicorn half-closes it, then reads until
+# the client closes its side, for up to 2 s. The gthread worker does that on its main loop,
+# which also accepts and dispatches every request: a client that kept its socket open after a
+# "Connection: close" answer, or after a 413 left its body unread, froze the whole worker for
+# 2 s (in a soak test, a few of them a second stalled every client and reset connections).
+# The linger runs in a thread of its own; past LINGER_MAX at once, sockets close at once.
+LINGER_MAX = 64
+_linger_close = gunicorn.util.close_graceful
+_lingering: set = set()
+_lingering_lock = threading.Lock()
+
+
+def _close_graceful_in_background(sock, *args, **kwargs) -> None:
+    """gunicorn.util.close_graceful, run off the caller's thread (at most LINGER_MAX at once)."""
+    with _lingering_lock:
+        if sock in _lingering:  # closed twice (an error path): the first linger handles it
+            return
+        if len(_lingering) >= LINGER_MAX:
+            gunicorn.util.close(sock)
+            return
+        _lingering.add(sock)
+
+    def linger() -> None:
+        try:
+            _linger_close(sock, *args, **kwargs)
+        finally:
+            with _lingering_lock:
+                _lingering.discard(sock)
+
+    threading.Thread(target=linger, name="linger-close", daemon=True).start()
+
+
 def on_starting(server) -> None:
-    """Master start: JSON error pages; clear stale metric files of a previous run."""
+    """Master start: JSON error pages, lingering closes off the main loop, stale metrics gone."""
     gunicorn.util.write_error = _write_json_error
+    gunicorn.util.close_graceful = _close_graceful_in_background
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if metrics_dir:
         Path(metrics_dir).mkdir(parents=True, exist_ok=True)

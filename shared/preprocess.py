@@ -75,7 +75,13 @@ def load_rgb(data: bytes | BinaryIO, draft_size: int | None = None) -> Image.Ima
             return _to_rgb(im)
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        # PIL's own guard, at open: the header declares over twice PIL's limit (~179 MP).
+        raise ImageError(
+            f"image is far too large (a decompression bomb?); the limit is "
+            f"{MAX_IMAGE_PIXELS} pixels"
+        ) from None
+    except UnidentifiedImageError:
         raise ImageError("not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, KeyError) as exc:
         # Truncated or corrupt data surfaces as any of these from PIL's plugins.

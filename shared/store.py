@@ -8,6 +8,7 @@ A version folder is written as `.tmp-<version>` and renamed into place only when
 """
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +38,11 @@ VERSION_RE = re.compile(r"^\d{8}T\d{9}Z-[0-9a-f]{6}$")
 # Accepted model.json image_size, in pixels: a hostile value must not make a server allocate
 # a gigantic warm-up batch.
 IMAGE_SIZE_RANGE = (8, 1024)
+# Largest files a reader accepts. Another process writes the store: a LATEST or model.json
+# that is a link to /dev/zero, or simply huge, must not make a server read without end.
+MAX_LATEST_BYTES = 256
+MAX_META_BYTES = 1 << 20  # model.json is a few kB
+MAX_WEIGHTS_BYTES = 2 << 30  # ResNet-18 is 45 MB
 REQUIRED_META = (
     "format_version",
     "version",
@@ -107,7 +114,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        # Usually gone (renamed); on a read-only folder unlink fails too, and must not hide
+        # the error that matters.
+        with contextlib.suppress(OSError):
             tmp.unlink()
     _fsync_dir(path.parent)
 
@@ -133,6 +142,33 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_store_file(path: Path, limit: int) -> bytes:
+    """The bytes of a store file, which must be a regular file (no symlink, FIFO or device)
+    of at most `limit` bytes: StoreError otherwise. A missing file raises FileNotFoundError.
+    """
+    path = Path(path)
+    try:
+        # O_NOFOLLOW: a symlink is refused, not followed. O_NONBLOCK: opening a FIFO does not
+        # wait for a writer (it is then refused as not a regular file).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreError(
+                f"{path} is a symbolic link; store files must be plain files"
+            ) from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise StoreError(f"{path} is not a regular file")
+        if info.st_size > limit:
+            raise StoreError(f"{path} is {info.st_size} bytes, more than the {limit} bytes allowed")
+        data = f.read(limit + 1)
+    if len(data) > limit:  # grew while we read
+        raise StoreError(f"{path} is more than the {limit} bytes allowed")
+    return data
+
+
 def check_version_name(version: str) -> str:
     """Return `version` if it is a well-formed version name, else raise StoreError."""
     if not VERSION_RE.match(version):
@@ -146,7 +182,9 @@ def version_dir(models_dir: Path, version: str) -> Path:
     """The folder of `version`, refusing names or symlinks that lead outside `models_dir`."""
     models_dir = Path(models_dir)
     path = models_dir / check_version_name(version)
-    if path.is_symlink() or not path.is_dir():
+    if path.is_symlink():
+        raise StoreError(f"version {version} is a symbolic link; versions must be folders")
+    if not path.is_dir():
         raise StoreError(f"version {version} does not exist in {models_dir}")
     return path
 
@@ -169,12 +207,12 @@ def list_versions(models_dir: Path) -> list[str]:
 def read_latest(models_dir: Path) -> str | None:
     """The version LATEST names, or None when there is no LATEST yet."""
     try:
-        text = (Path(models_dir) / LATEST).read_text(encoding="utf-8", errors="replace")
+        data = read_store_file(Path(models_dir) / LATEST, MAX_LATEST_BYTES)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise StoreError(f"cannot read {LATEST}: {exc.strerror}") from None
-    return check_version_name(text.strip())
+    return check_version_name(data.decode("utf-8", errors="replace").strip())
 
 
 def set_latest(models_dir: Path, version: str) -> None:
@@ -182,7 +220,12 @@ def set_latest(models_dir: Path, version: str) -> None:
     meta_path = version_dir(models_dir, version) / META_FILE
     if not meta_path.is_file():
         raise StoreError(f"version {version} has no {META_FILE}")
-    atomic_write_bytes(Path(models_dir) / LATEST, f"{version}\n".encode())
+    try:
+        atomic_write_bytes(Path(models_dir) / LATEST, f"{version}\n".encode())
+    except OSError as exc:
+        raise StoreError(
+            f"cannot point {LATEST} at {version} in {models_dir}: {exc.strerror or exc}"
+        ) from None
 
 
 def rollback(models_dir: Path) -> str:
@@ -199,17 +242,15 @@ def rollback(models_dir: Path) -> str:
 def publish(models_dir: Path, state_dict: dict, meta: dict, make_latest: bool = True) -> str:
     """Write a new version (weights + model.json) and, by default, point LATEST at it.
 
-    The version appears under its name only once both files are complete and synced;
-    on any error the temporary folder is removed and LATEST is untouched.
+    All or nothing: the version appears under its name only once both files are complete and
+    synced, and on any error (LATEST included) it is removed again and LATEST is untouched.
     """
     models_dir = Path(models_dir)
+    tmp: Path | None = None
     try:
         models_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"cannot create models folder {models_dir}: {exc.strerror}") from None
-    version = _next_version_name(models_dir)
-    tmp = models_dir / f".tmp-{version}"
-    try:
+        version = _next_version_name(models_dir)
+        tmp = models_dir / f".tmp-{version}"
         tmp.mkdir()
         weights = tmp / WEIGHTS_FILE
         atomic_torch_save({k: v.detach().cpu() for k, v in state_dict.items()}, weights)
@@ -226,8 +267,14 @@ def publish(models_dir: Path, state_dict: dict, meta: dict, make_latest: bool = 
         _fsync_dir(models_dir)
         if make_latest:
             set_latest(models_dir, version)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, StoreError) as exc:
+        if tmp is not None:
+            # Out of sight first (a rename is atomic), then removed.
+            with contextlib.suppress(OSError):
+                os.rename(models_dir / version, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, StoreError):
+            raise
         reason = exc.strerror or str(exc)
         raise StoreError(f"cannot publish to {models_dir}: {reason}") from None
     return version
@@ -237,7 +284,7 @@ def read_meta(models_dir: Path, version: str) -> dict:
     """Read and validate a version's model.json."""
     path = version_dir(models_dir, version) / META_FILE
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(read_store_file(path, MAX_META_BYTES).decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise StoreError(f"{version}: unreadable {META_FILE} ({exc})") from None
     if not isinstance(meta, dict):
@@ -280,13 +327,14 @@ def load_version(models_dir: Path, version: str, device: str | torch.device = "c
     meta = read_meta(models_dir, version)
     weights = version_dir(models_dir, version) / WEIGHTS_FILE
     try:
-        digest = sha256_file(weights)
+        # Read once: the bytes that pass the checksum are the bytes that get loaded.
+        data = read_store_file(weights, MAX_WEIGHTS_BYTES)
     except OSError as exc:
         raise StoreError(f"{version}: cannot read {WEIGHTS_FILE} ({exc.strerror})") from None
-    if digest != meta["sha256"]:
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise StoreError(f"{version}: sha256 of {WEIGHTS_FILE} does not match {META_FILE}")
     try:
-        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for refused payloads
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StoreError(f"{version}: refused {WEIGHTS_FILE}: {first_line[:200]}") from None

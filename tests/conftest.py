@@ -70,7 +70,7 @@ def publish_random_model(models_dir: Path, arch: str = "resnet18", seed: int = 0
 
 
 def run_trainer(
-    *args: str, env: dict | None = None, timeout: float = 300
+    *args: str, env: dict | None = None, timeout: float = 300, preexec_fn=None
 ) -> subprocess.CompletedProcess:
     """Run `python -m trainer` for real, from the repo root, offline."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -81,4 +81,5 @@ def run_trainer(
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=preexec_fn,
     )

@@ -129,9 +129,9 @@ def lr_factor(config: dict, steps_per_epoch: int):
     if config["schedule"] == "step":
         return lambda step: config["lr_decay"] ** (step // steps_per_epoch // config["lr_period"])
     warm = max(1, int(total * config["warmup"]))
-    return lambda step: (
-        (step + 1) / warm if step < warm else max(0.0, (total - step) / (total - warm))
-    )
+    # LambdaLR also asks for step == total; with a single step in all, warm == total.
+    decay = max(1, total - warm)
+    return lambda step: (step + 1) / warm if step < warm else max(0.0, (total - step) / decay)
 
 
 def train_one_epoch(model, opt, sched, train: Split, config, device, bf16, normalize, bar):

@@ -4,6 +4,8 @@ import csv
 import io
 import json
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -64,19 +66,33 @@ class RunDir:
                 return run
         raise TrainerError(f"no unfinished run in {runs_dir} to resume")
 
+    @contextmanager
+    def _writing(self, name: str) -> Iterator[None]:
+        """Turn a failed write (disk full, read-only folder) into a one-line TrainerError."""
+        try:
+            yield
+        except OSError as exc:
+            # Every file is replaced atomically, so the previous epoch's state is still whole.
+            hint = "" if name == "config.json" else f"; free space, then --resume {self.run_id}"
+            raise TrainerError(
+                f"cannot write {self.path / name}: {exc.strerror or exc}{hint}"
+            ) from None
+
     @property
     def finished(self) -> bool:
         return (self.path / "result.json").is_file()
 
     def write_config(self, config: dict) -> None:
-        atomic_write_json(self.path / "config.json", config)
+        with self._writing("config.json"):
+            atomic_write_json(self.path / "config.json", config)
 
     def read_config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())
 
     def save_state(self, state: dict) -> None:
         """Rewrite last.pt atomically: a kill at any moment leaves the previous epoch's state."""
-        atomic_torch_save(state, self.path / "last.pt")
+        with self._writing("last.pt"):
+            atomic_torch_save(state, self.path / "last.pt")
 
     def load_state(self) -> dict | None:
         path = self.path / "last.pt"
@@ -85,7 +101,8 @@ class RunDir:
         return torch.load(path, map_location="cpu", weights_only=True)
 
     def save_best(self, state_dict: dict) -> None:
-        atomic_torch_save(state_dict, self.path / "best.pt")
+        with self._writing("best.pt"):
+            atomic_torch_save(state_dict, self.path / "best.pt")
 
     def load_best(self) -> dict:
         return torch.load(self.path / "best.pt", map_location="cpu", weights_only=True)
@@ -97,7 +114,8 @@ class RunDir:
         writer.writeheader()
         for row in history:
             writer.writerow({k: row[k] for k in METRIC_FIELDS})
-        atomic_write_bytes(self.path / "metrics.csv", text.getvalue().encode())
+        with self._writing("metrics.csv"):
+            atomic_write_bytes(self.path / "metrics.csv", text.getvalue().encode())
         self._plot_curves(history)
 
     def _plot_curves(self, history: list[dict]) -> None:
@@ -129,8 +147,10 @@ class RunDir:
         fig.tight_layout()
         fig.savefig(buffer, format="png", dpi=100)
         plt.close(fig)
-        atomic_write_bytes(self.path / name, buffer.getvalue())
+        with self._writing(name):
+            atomic_write_bytes(self.path / name, buffer.getvalue())
 
     def write_result(self, result: dict) -> None:
         """result.json marks the run finished."""
-        atomic_write_json(self.path / "result.json", result)
+        with self._writing("result.json"):
+            atomic_write_json(self.path / "result.json", result)

@@ -1,15 +1,21 @@
 """Bad and unusual input to a real Gunicorn: JSON errors, never a 5xx, good files still served."""
 
+import contextlib
 import io
+import shutil
 import socket
+import tempfile
+import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from shared.preprocess import eval_transform, load_rgb
+from shared.preprocess import MAX_IMAGE_PIXELS, eval_transform, load_rgb
 from shared.store import load_version
+from tests import hostile
 from tests.inference.serving import image_bytes
 
 
@@ -303,3 +309,87 @@ def test_malformed_http_gets_a_json_4xx(server, request_bytes, status):
 
 def test_server_log_has_no_tracebacks_after_bad_input(server):
     assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("name", list(hostile.BOMBS))
+def test_bomb_in_any_format_is_refused_by_its_declared_size(server, name):
+    files = [("file", ("ok.png", image_bytes())), ("file", (name, hostile.BOMBS[name]))]
+    response = server.post("/predict", files=files)
+    assert response.status_code == 200, response.text
+    good, bomb = response.json()["predictions"]
+    assert "category" in good
+    # The file has no pixel data at all: only a check of the header gives this reason.
+    assert f"the limit is {MAX_IMAGE_PIXELS} pixels" in bomb["error"]["message"]
+
+
+def test_endless_chunked_body_is_cut_off_with_413(server):
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: " + hostile.MULTIPART.encode() + b"\r\n\r\n"
+    )
+    start = hostile.file_part(b"endless.png", b"")[:-2]  # an open part, never finished
+    chunk = b"\0" * (256 * 1024)
+    frame = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+    sent, limit = 0, 64 << 20  # the server's limit is 2 MiB
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head + b"%x\r\n" % len(start) + start + b"\r\n")
+        try:
+            while sent < limit:
+                sock.sendall(frame)
+                sent += len(frame)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed: what we want
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert sent < limit, "the server kept reading an endless body"
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"payload_too_large"' in answer
+
+
+def header_lines(count: int) -> bytes:
+    """`count` filler header lines for one multipart part."""
+    return b"".join(b"\r\nX-Filler-%d: v" % i for i in range(count))
+
+
+@pytest.mark.parametrize(
+    "headers, status",
+    [
+        (b'Content-Disposition: form-data; name="file"; filename="' + b"n" * 400_000 + b'"', 200),
+        (b'Content-Disposition: form-data; name="file"; filename="h"' + header_lines(40_000), 413),
+        (
+            b'Content-Disposition: form-data; name="file"; filename="h"\r\nContent-Type: image/png'
+            + b"; a=b" * 80_000,
+            200,
+        ),
+    ],
+    ids=["400kB_file_name", "500kB_of_header_lines", "400kB_of_content_type_parameters"],
+)
+def test_huge_multipart_part_headers_are_bounded(server, headers, status):
+    body = hostile.form(hostile.part(headers, image_bytes()))
+    response = server.post("/predict", data=body, headers={"Content-Type": hostile.MULTIPART})
+    assert response.status_code == status, response.text[:300]
+    if status == 200:
+        assert len(response.json()["predictions"][0]["filename"]) <= 255
+
+
+def test_file_names_are_never_used_as_paths_and_echo_without_control_characters(server):
+    marker = Path(tempfile.mkdtemp(prefix="upload-names-"))
+    try:
+        names = [n.replace(b"{marker}", marker.name.encode()) for n in hostile.EVIL_FILENAMES]
+        encoded = (
+            b"Content-Disposition: form-data; name=\"file\"; filename*=UTF-8''"
+            b"..%2F..%2Ftmp%2F" + marker.name.encode() + b"%2Fx%0D%0Ay%00%E2%80%AE.png"
+        )
+        parts = [hostile.file_part(name, image_bytes()) for name in names]
+        body = hostile.form(*parts, hostile.part(encoded, image_bytes()))
+        response = server.post("/predict", data=body, headers={"Content-Type": hostile.MULTIPART})
+        assert response.status_code == 200, response.text
+        echoed = [entry["filename"] for entry in response.json()["predictions"]]
+        assert len(echoed) == len(names) + 1
+        for name in echoed:
+            assert not any(unicodedata.category(c)[0] == "C" for c in name), repr(name)
+        assert list(marker.iterdir()) == [], "an uploaded file name was used as a path"
+    finally:
+        shutil.rmtree(marker)

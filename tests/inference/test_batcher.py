@@ -89,10 +89,13 @@ def test_jobs_for_different_models_never_share_a_batch(make_batcher):
     threads = [threading.Thread(target=request, args=("first", "old"))]
     threads[0].start()
     time.sleep(0.2)
-    for name, model in [("a", "old"), ("b", "new"), ("c", "old")]:
+    for queued, (name, model) in enumerate([("a", "old"), ("b", "new"), ("c", "old")], 1):
         threads.append(threading.Thread(target=request, args=(name, model)))
         threads[-1].start()
-    time.sleep(0.2)
+        # Queue them in this order: threads started together may submit in any order.
+        deadline = time.monotonic() + 10
+        while batcher.queued_images < 2 * queued and time.monotonic() < deadline:
+            time.sleep(0.01)
     fake.release.set()
     for thread in threads:
         thread.join()

@@ -202,3 +202,114 @@ def test_rollback_is_picked_up(tmp_path):
         assert time.monotonic() - rolled <= SWAP_DEADLINE_S
         response = server.post("/predict", files=FILES)
         assert response.json()["model_version"] == first
+
+
+# Hostile store files the test above does not cover. Each maker points LATEST at its bad
+# version (or replaces LATEST itself) and returns what the logged reason must contain.
+
+
+def absolute_path(models_dir, tmp_path) -> str:
+    """LATEST holds the absolute path of a complete version outside the models folder."""
+    outside = publish_model(tmp_path / "elsewhere", seed=8)
+    write_latest(models_dir, str(tmp_path / "elsewhere" / outside))
+    return "is not a version name"
+
+
+def unknown_arch(models_dir, tmp_path) -> str:
+    """A version whose model.json names an architecture the server does not know."""
+    version = publish_model(models_dir, seed=9, make_latest=False)
+    meta_path = models_dir / version / store.META_FILE
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "arch": "vgg16"}))
+    write_latest(models_dir, version)
+    return "unknown arch 'vgg16'"
+
+
+def symlinked_version(models_dir, tmp_path) -> str:
+    """A well-named version folder that is a symlink to a complete version elsewhere."""
+    outside = publish_model(tmp_path / "linked", seed=10)
+    (models_dir / outside).symlink_to(tmp_path / "linked" / outside)
+    write_latest(models_dir, outside)
+    return "is a symbolic link"
+
+
+def symlinked_latest(models_dir, tmp_path) -> str:
+    """LATEST itself is a symlink to a file elsewhere naming another, complete version."""
+    other = publish_model(models_dir, seed=11, make_latest=False)
+    (tmp_path / "their-latest").write_text(other)
+    (models_dir / "LATEST.new").symlink_to(tmp_path / "their-latest")
+    os.replace(models_dir / "LATEST.new", models_dir / store.LATEST)
+    return "LATEST is a symbolic link"
+
+
+def symlinked_meta(models_dir, tmp_path) -> str:
+    """A version whose model.json is a symlink to a (valid) model.json elsewhere."""
+    version = publish_model(models_dir, seed=12, make_latest=False)
+    meta_path = models_dir / version / store.META_FILE
+    os.replace(meta_path, tmp_path / "their-model.json")
+    meta_path.symlink_to(tmp_path / "their-model.json")
+    write_latest(models_dir, version)
+    return "model.json is a symbolic link"
+
+
+def fifo_weights(models_dir, tmp_path) -> str:
+    """A version whose model.pt is a FIFO: reading it would wait forever for a writer."""
+    version = publish_model(models_dir, seed=13, make_latest=False)
+    (models_dir / version / store.WEIGHTS_FILE).unlink()
+    os.mkfifo(models_dir / version / store.WEIGHTS_FILE)
+    write_latest(models_dir, version)
+    return "model.pt is not a regular file"
+
+
+def huge_meta(models_dir, tmp_path) -> str:
+    """A version whose model.json is 256 MiB (sparse): reading it whole would cost memory."""
+    version = publish_model(models_dir, seed=14, make_latest=False)
+    os.truncate(models_dir / version / store.META_FILE, 256 << 20)
+    write_latest(models_dir, version)
+    return "more than the 1048576 bytes allowed"
+
+
+def huge_latest(models_dir, tmp_path) -> str:
+    """A 256 MiB (sparse) LATEST."""
+    store.atomic_write_bytes(models_dir / "LATEST.tmp", b"")
+    os.truncate(models_dir / "LATEST.tmp", 256 << 20)
+    os.replace(models_dir / "LATEST.tmp", models_dir / store.LATEST)
+    return "more than the 256 bytes allowed"
+
+
+def write_latest(models_dir, text: str) -> None:
+    """Replace LATEST with `text`, bypassing the store's checks (as an attacker would)."""
+    store.atomic_write_bytes(models_dir / store.LATEST, f"{text}\n".encode())
+
+
+@pytest.mark.slow
+def test_hostile_store_files_are_refused_with_a_logged_reason_and_serving_goes_on(tmp_path):
+    models_dir = tmp_path / "models"
+    good = publish_model(models_dir, seed=1)
+    with run_server(models_dir, tmp_path, MODEL_POLL_SECONDS="0.3") as server:
+        wait_ready(server)
+        for make_bad in (
+            absolute_path,
+            unknown_arch,
+            symlinked_version,
+            symlinked_latest,
+            symlinked_meta,
+            fifo_weights,
+            huge_meta,
+            huge_latest,
+        ):
+            reason = make_bad(models_dir, tmp_path)
+            server.wait_for(
+                lambda reason=reason: reason in json.dumps(server.get("/model").json()),
+                10,
+                f"GET /model to report the {make_bad.__name__} refusal ({reason!r})",
+            )
+            assert reason in server.log(), f"{make_bad.__name__}: reason not logged"
+            assert server.model_version() == good, make_bad.__name__
+            response = server.post("/predict", files=FILES)
+            assert response.status_code == 200, make_bad.__name__
+            assert response.json()["model_version"] == good
+        assert "Traceback" not in server.log()
+
+        # The poller is not stuck on any of them: a good version is picked up as usual.
+        fixed = publish_model(models_dir, seed=15)
+        server.wait_for(lambda: server.model_version() == fixed, 10, "the fixed version")

@@ -5,7 +5,8 @@ import io
 import pytest
 from PIL import Image
 
-from shared.preprocess import MAX_ASPECT_RATIO, ImageError, load_rgb, resize_crop
+from shared.preprocess import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, ImageError, load_rgb, resize_crop
+from tests.hostile import BOMBS, png_text_bomb
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -43,3 +44,15 @@ def test_load_rgb_refuses_formats_outside_the_allowlist(fmt, save_args):
         pytest.skip(f"PIL cannot write {fmt} here")
     with pytest.raises(ImageError, match="not a recognised image format"):
         load_rgb(buffer.getvalue())
+
+
+@pytest.mark.parametrize("name", list(BOMBS))
+def test_bombs_of_every_format_are_refused_by_their_declared_size(name):
+    # These files hold no pixel data at all: decoding first would fail as "truncated".
+    with pytest.raises(ImageError, match=f"the limit is {MAX_IMAGE_PIXELS} pixels"):
+        load_rgb(BOMBS[name])
+
+
+def test_png_text_chunk_bomb_is_refused():
+    with pytest.raises(ImageError):
+        load_rgb(png_text_bomb())

@@ -1,8 +1,10 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torchvision
 
 from shared import store
 from tests.conftest import REPO, publish_random_model
+from tests.sandbox import fill, permissions_enforced, read_only_view, small_filesystem
 
 
 def test_published_model_loads_with_plain_torchvision(tmp_path):
@@ -125,8 +128,43 @@ def test_symlinked_version_is_refused(tmp_path):
     models.mkdir()
     (models / version).symlink_to(outside / version)
     assert store.list_versions(models) == []
-    with pytest.raises(store.StoreError):
+    with pytest.raises(store.StoreError, match="is a symbolic link"):
         store.load_version(models, version)
+
+
+def link_elsewhere(path, tmp_path):
+    """Move `path` out of the store and leave a symlink to it in its place."""
+    moved = tmp_path / f"elsewhere-{path.name}"
+    os.replace(path, moved)
+    path.symlink_to(moved)
+
+
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("latest_symlink", "is a symbolic link"),
+        ("meta_symlink", "is a symbolic link"),
+        ("weights_symlink", "is a symbolic link"),
+        ("huge_latest", "more than the 256 bytes allowed"),
+        ("huge_meta", "more than the 1048576 bytes allowed"),
+    ],
+)
+def test_store_files_must_be_plain_files_of_bounded_size(tmp_path, case, reason):
+    models = tmp_path / "models"
+    version = publish_random_model(models)
+    folder = models / version
+    if case == "latest_symlink":
+        link_elsewhere(models / store.LATEST, tmp_path)
+    elif case == "meta_symlink":
+        link_elsewhere(folder / store.META_FILE, tmp_path)
+    elif case == "weights_symlink":  # the very same bytes, just not inside the store
+        link_elsewhere(folder / store.WEIGHTS_FILE, tmp_path)
+    elif case == "huge_latest":
+        os.truncate(models / store.LATEST, 256 << 20)  # sparse: costs no disk
+    else:
+        os.truncate(folder / store.META_FILE, 256 << 20)
+    with pytest.raises(store.StoreError, match=reason):
+        store.load_version(models, store.read_latest(models) if "latest" in case else version)
 
 
 def test_failed_publish_leaves_no_version_and_latest_unchanged(tmp_path, monkeypatch):
@@ -143,17 +181,90 @@ def test_failed_publish_leaves_no_version_and_latest_unchanged(tmp_path, monkeyp
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
 
 
-def test_read_only_store_gives_clear_error(tmp_path):
+def test_publish_that_cannot_write_latest_takes_the_new_version_back(tmp_path, monkeypatch):
     first = publish_random_model(tmp_path)
+    write = store.atomic_write_bytes
+
+    def latest_fails(path, data):
+        if path.name == store.LATEST:
+            raise OSError(28, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(store, "atomic_write_bytes", latest_fails)
+    with pytest.raises(store.StoreError, match="cannot point LATEST at .*No space left"):
+        publish_random_model(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first, store.LATEST])
+    assert store.read_latest(tmp_path) == first
+
+
+PUBLISH = """
+import sys
+from shared.store import StoreError
+from tests.conftest import publish_random_model
+try:
+    publish_random_model(sys.argv[1])
+except StoreError as exc:
+    sys.exit(f"error: {exc}")
+"""
+
+
+def run_as(preexec, *args: str) -> subprocess.CompletedProcess:
+    """Run this Python with `args` from the repo root, with `preexec` in the child."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        preexec_fn=preexec,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("how", ["permissions", "read_only_mount"])
+def test_read_only_store_gives_clear_error_and_keeps_the_published_model(tmp_path, how):
+    first = publish_random_model(tmp_path)
+    second = publish_random_model(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
     tmp_path.chmod(0o555)
     try:
-        if os.access(tmp_path, os.W_OK):
-            pytest.skip("running as a user that ignores permissions")
-        with pytest.raises(store.StoreError, match="cannot publish"):
-            publish_random_model(tmp_path)
+        if how == "permissions":  # EACCES; as root (CI) chmod alone would stop nothing
+            preexec, view = permissions_enforced(), nullcontext(tmp_path)
+        else:  # EROFS, like a container's read-only volume, even for root
+            preexec, view = None, read_only_view(tmp_path)
+        reason = "Permission denied" if how == "permissions" else "Read-only file system"
+        with view as models:
+            published = run_as(preexec, "-c", PUBLISH, str(models))
+            assert published.returncode == 1, published.stderr
+            assert f"cannot publish to {models}: {reason}" in published.stderr
+            for verb in (["promote", first], ["rollback"]):
+                result = run_as(preexec, "-m", "shared", "--models-dir", str(models), *verb)
+                assert result.returncode == 2, result.stderr
+                assert result.stderr.count("\n") == 1 and reason in result.stderr, result.stderr
     finally:
         tmp_path.chmod(0o755)
-    assert store.read_latest(tmp_path) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert store.read_latest(tmp_path) == second
+    store.load_version(tmp_path, second)
+
+
+def test_full_disk_fails_publish_and_promote_cleanly_and_keeps_the_published_model():
+    with small_filesystem(100) as disk:  # room for two 45 MB versions, not three
+        models = disk / "models"
+        first = publish_random_model(models)
+        second = publish_random_model(models)
+        free = shutil.disk_usage(disk).free
+        with pytest.raises(store.StoreError, match="cannot publish .*: No space left on device"):
+            publish_random_model(models)
+        assert shutil.disk_usage(disk).free == free  # the partial version is gone
+        assert sorted(p.name for p in models.iterdir()) == sorted([first, second, store.LATEST])
+
+        fill(disk)
+        result = run_as(None, "-m", "shared", "--models-dir", str(models), "promote", first)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and "No space left on device" in result.stderr
+        assert sorted(p.name for p in models.iterdir()) == sorted([first, second, store.LATEST])
+        assert store.read_latest(models) == second
+        store.load_version(models, second)
 
 
 KILL_LOOP = """
