@@ -24,11 +24,15 @@ def class_image(label: int, rng: random.Random, size: int = 32) -> Image.Image:
     x, y = rng.randrange(size // 2), rng.randrange(size // 2)
     im.paste((255 - base[0], 255 - base[1], 255 - base[2]), (x, y, x + size // 3, y + size // 3))
     for _ in range(size):
-        im.putpixel((rng.randrange(size), rng.randrange(size)), tuple(rng.randrange(256) for _ in "rgb"))
+        im.putpixel(
+            (rng.randrange(size), rng.randrange(size)), tuple(rng.randrange(256) for _ in "rgb")
+        )
     return im
 
 
-def make_image_folders(root: Path, per_class: int = 8, splits=("train",), classes=None, seed=0) -> Path:
+def make_image_folders(
+    root: Path, per_class: int = 8, splits=("train",), classes=None, seed=0
+) -> Path:
     """Write root/<split>/<class>/<n>.(png|jpg) for each split; returns root."""
     rng = random.Random(seed)
     for split in splits:
@@ -65,10 +69,16 @@ def publish_random_model(models_dir: Path, arch: str = "resnet18", seed: int = 0
     return store.publish(models_dir, model.state_dict(), full)
 
 
-def run_trainer(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_trainer(
+    *args: str, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run `python -m trainer` for real, from the repo root, offline."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "trainer", *args],
-        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )

@@ -27,6 +27,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: torch.device) -> "Split":
+        """The same split with its tensors on `device`."""
+        return Split(self.images.to(device), self.labels.to(device), self.paths)
+
     def subset(self, index: torch.Tensor) -> "Split":
         """The images at `index`, in that order."""
         return Split(self.images[index], self.labels[index], [self.paths[i] for i in index])
@@ -41,6 +45,17 @@ class Dataset:
     valid: Split
     test: Split | None
     valid_from_train: bool
+
+    def to(self, device: torch.device) -> "Dataset":
+        """The same dataset with every split's tensors on `device`."""
+        test = self.test.to(device) if self.test is not None else None
+        return Dataset(
+            self.class_names,
+            self.train.to(device),
+            self.valid.to(device),
+            test,
+            self.valid_from_train,
+        )
 
 
 def _class_folders(split_dir: Path) -> dict[str, list[Path]]:

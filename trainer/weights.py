@@ -1,5 +1,6 @@
 """Initial weights: ImageNet through torchvision's cache, none, or a local state_dict."""
 
+import os
 from pathlib import Path
 
 import torch
@@ -31,6 +32,8 @@ def load_initial_weights(model: nn.Module, weights: str) -> None:
     if weights == "none":
         return
     if weights == "imagenet":
+        # torchvision caches downloads under $TORCH_HOME/hub/checkpoints; keep them in volumes/.
+        os.environ.setdefault("TORCH_HOME", "volumes/cache")
         try:
             state_dict = ResNet18_Weights.IMAGENET1K_V1.get_state_dict(
                 progress=False, weights_only=True

@@ -38,7 +38,18 @@ def encode(im: Image.Image, fmt: str, **kw) -> bytes:
         lambda: encode(Image.new("RGB", (4000, 3), (9, 9, 9)), "WEBP"),
         lambda: encode(Image.new("RGB", (40, 30), (9, 9, 9)), "TIFF"),
     ],
-    ids=["L", "LA", "1bit", "RGBA", "CMYK", "I16", "P-transparent", "1x1-bmp", "4000x3-webp", "tiff"],
+    ids=[
+        "L",
+        "LA",
+        "1bit",
+        "RGBA",
+        "CMYK",
+        "I16",
+        "P-transparent",
+        "1x1-bmp",
+        "4000x3-webp",
+        "tiff",
+    ],
 )
 def test_odd_modes_decode_to_rgb_and_transform(make):
     im = load_rgb(make())
@@ -80,10 +91,17 @@ def bomb_png(width: int, height: int) -> bytes:
     import zlib
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_refused_before_decoding():
@@ -93,8 +111,13 @@ def test_decompression_bomb_refused_before_decoding():
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"hello world", b"<html><body>hi</body></html>", b'<svg xmlns="http://www.w3.org/2000/svg"/>',
-     bytes(range(256)) * 4],
+    [
+        b"",
+        b"hello world",
+        b"<html><body>hi</body></html>",
+        b'<svg xmlns="http://www.w3.org/2000/svg"/>',
+        bytes(range(256)) * 4,
+    ],
     ids=["empty", "text", "html", "svg", "random"],
 )
 def test_non_images_raise_image_error(data):

@@ -19,8 +19,21 @@ def test_published_model_loads_with_plain_torchvision(tmp_path):
     model = torchvision.models.resnet18(num_classes=10)
     model.load_state_dict(torch.load(path, weights_only=True))
     meta = json.loads((tmp_path / version / "model.json").read_text())
-    for key in ("format_version", "version", "created_at", "run_id", "arch", "num_classes",
-                "class_names", "image_size", "mean", "std", "metrics", "sha256", "config"):
+    for key in (
+        "format_version",
+        "version",
+        "created_at",
+        "run_id",
+        "arch",
+        "num_classes",
+        "class_names",
+        "image_size",
+        "mean",
+        "std",
+        "metrics",
+        "sha256",
+        "config",
+    ):
         assert key in meta
     assert meta["class_names"][6] == "frog" and meta["num_classes"] == 10
     assert meta["sha256"] == store.sha256_file(path)
@@ -165,8 +178,9 @@ def test_publisher_killed_at_random_moments_never_exposes_half_a_version(tmp_pat
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "shared", *args], cwd=REPO,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "shared", *args], cwd=REPO, capture_output=True, text=True
+    )
 
 
 def test_cli_lists_promotes_and_rolls_back(tmp_path):

@@ -50,8 +50,16 @@ def test_one_epoch_run_publishes_a_model_loadable_by_the_contract(tmp_path, imag
     for name in ("config.json", "metrics.csv", "curves.png", "last.pt", "best.pt", "result.json"):
         assert (run / name).is_file(), name
     (row,) = read_metrics(run)
-    assert set(row) == {"epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc",
-                        "examples_per_sec", "seconds"}
+    assert set(row) == {
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_acc",
+        "valid_loss",
+        "valid_acc",
+        "examples_per_sec",
+        "seconds",
+    }
     config = json.loads((run / "config.json").read_text())
     assert config["split"]["valid_from_train"] and config["split"]["valid"] == 10
 
@@ -69,16 +77,34 @@ def test_test_split_gives_test_acc_and_confusion_plot(tmp_path):
 
 def test_training_learns_the_generated_classes(tmp_path):
     data = make_image_folders(tmp_path / "d", per_class=24)
-    result = run_trainer("--data-dir", str(data), "--epochs", "6", "--weights", "none",
-                         "--batch-size", "32", "--lr", "0.05", "--device", "cpu", *dirs(tmp_path))
+    result = run_trainer(
+        "--data-dir",
+        str(data),
+        "--epochs",
+        "6",
+        "--weights",
+        "none",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.05",
+        "--device",
+        "cpu",
+        *dirs(tmp_path),
+    )
     assert result.returncode == 0, result.stderr
     accs = [float(r["valid_acc"]) for r in read_metrics(only_run(tmp_path))]
     assert max(accs) >= 0.5, accs  # chance is 0.1
 
 
 def start_trainer(args):
-    return subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_epoch(run_parent, epochs_done, proc, timeout=120):
@@ -125,10 +151,23 @@ def test_resume_without_unfinished_run_is_an_error(tmp_path):
 
 def test_imagenet_weights_offline_stop_with_a_hint(tmp_path, image_folders):
     # A closed local port as proxy makes any download fail at once, as offline hosts do.
-    env = {"TORCH_HOME": str(tmp_path / "cache"), "https_proxy": "http://127.0.0.1:9",
-           "HTTPS_PROXY": "http://127.0.0.1:9"}
-    result = run_trainer("--data-dir", str(image_folders), "--epochs", "1", "--weights", "imagenet",
-                         "--device", "cpu", *dirs(tmp_path), env=env)
+    env = {
+        "TORCH_HOME": str(tmp_path / "cache"),
+        "https_proxy": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+    }
+    result = run_trainer(
+        "--data-dir",
+        str(image_folders),
+        "--epochs",
+        "1",
+        "--weights",
+        "imagenet",
+        "--device",
+        "cpu",
+        *dirs(tmp_path),
+        env=env,
+    )
     assert result.returncode == 2
     assert "--weights none" in result.stderr and "--weights PATH" in result.stderr
     assert not (tmp_path / "models").exists()
@@ -140,19 +179,43 @@ def test_imagenet_weights_come_from_torchvisions_cache(tmp_path, image_folders):
     imagenet_like = torchvision.models.resnet18(num_classes=1000).state_dict()
     torch.save(imagenet_like, checkpoints / "resnet18-f37072fd.pth")
     env = {"TORCH_HOME": str(tmp_path / "cache"), "https_proxy": "http://127.0.0.1:9"}
-    result = run_trainer("--data-dir", str(image_folders), "--epochs", "1", "--weights", "imagenet",
-                         "--batch-size", "16", "--device", "cpu", *dirs(tmp_path), env=env)
+    result = run_trainer(
+        "--data-dir",
+        str(image_folders),
+        "--epochs",
+        "1",
+        "--weights",
+        "imagenet",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        *dirs(tmp_path),
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
-    meta = json.loads((tmp_path / "models" / store.read_latest(tmp_path / "models") / "model.json")
-                      .read_text())
+    meta = json.loads(
+        (tmp_path / "models" / store.read_latest(tmp_path / "models") / "model.json").read_text()
+    )
     assert meta["mean"] == [0.485, 0.456, 0.406]  # ImageNet statistics travel with the model
 
 
 def test_weights_from_a_path(tmp_path, image_folders):
     path = tmp_path / "init.pt"
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
-    result = run_trainer("--data-dir", str(image_folders), "--epochs", "1", "--weights", str(path),
-                         "--batch-size", "16", "--device", "cpu", *dirs(tmp_path))
+    result = run_trainer(
+        "--data-dir",
+        str(image_folders),
+        "--epochs",
+        "1",
+        "--weights",
+        str(path),
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        *dirs(tmp_path),
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -172,19 +235,37 @@ def bad_inputs(tmp_path):
         "empty-class": (["--data-dir", str(one_empty)], "no images in"),
         "unreadable": (["--data-dir", str(broken)], "bad.jpg"),
         "mismatch": (["--data-dir", str(mismatch)], "don't match"),
-        "bad-weights": (["--data-dir", str(broken), "--weights", str(tmp_path / "x.pt")], "no such"),
+        "bad-weights": (
+            ["--data-dir", str(broken), "--weights", str(tmp_path / "x.pt")],
+            "no such",
+        ),
         "zero-epochs": (["--epochs", "0"], "--epochs"),
         "bad-ratio": (["--valid-ratio", "1.5"], "--valid-ratio"),
         "bad-device": (["--device", "tpu"], "--device"),
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "empty-class", "unreadable", "mismatch",
-                                  "bad-weights", "zero-epochs", "bad-ratio", "bad-device"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "empty",
+        "empty-class",
+        "unreadable",
+        "mismatch",
+        "bad-weights",
+        "zero-epochs",
+        "bad-ratio",
+        "bad-device",
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_publishes_nothing(tmp_path, case):
     args, message = bad_inputs(tmp_path)[case]
-    result = run_trainer(*args, "--weights", "none", "--device", "cpu", *dirs(tmp_path)) \
-        if "--weights" not in args else run_trainer(*args, "--device", "cpu", *dirs(tmp_path))
+    result = (
+        run_trainer(*args, "--weights", "none", "--device", "cpu", *dirs(tmp_path))
+        if "--weights" not in args
+        else run_trainer(*args, "--device", "cpu", *dirs(tmp_path))
+    )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -195,12 +276,22 @@ def test_help_names_every_option_with_its_environment_variable():
     result = run_trainer("--help")
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
-    for flag, var in [("--data-dir", "TRAIN_DATA_DIR"), ("--epochs", "EPOCHS"), ("--lr", "LR"),
-                      ("--batch-size", "BATCH_SIZE"), ("--image-size", "IMAGE_SIZE"),
-                      ("--weights", "WEIGHTS"), ("--device", "DEVICE"), ("--seed", "SEED"),
-                      ("--models-dir", "MODELS_DIR"), ("--runs-dir", "RUNS_DIR"),
-                      ("--valid-ratio", "VALID_RATIO"), ("--lr-period", "LR_PERIOD"),
-                      ("--lr-decay", "LR_DECAY"), ("--momentum", "MOMENTUM"),
-                      ("--weight-decay", "WEIGHT_DECAY")]:
+    for flag, var in [
+        ("--data-dir", "TRAIN_DATA_DIR"),
+        ("--epochs", "EPOCHS"),
+        ("--lr", "LR"),
+        ("--batch-size", "BATCH_SIZE"),
+        ("--image-size", "IMAGE_SIZE"),
+        ("--weights", "WEIGHTS"),
+        ("--device", "DEVICE"),
+        ("--seed", "SEED"),
+        ("--models-dir", "MODELS_DIR"),
+        ("--runs-dir", "RUNS_DIR"),
+        ("--valid-ratio", "VALID_RATIO"),
+        ("--lr-period", "LR_PERIOD"),
+        ("--lr-decay", "LR_DECAY"),
+        ("--momentum", "MOMENTUM"),
+        ("--weight-decay", "WEIGHT_DECAY"),
+    ]:
         assert flag in text and f"env {var}" in text, flag
     assert "--resume" in text
