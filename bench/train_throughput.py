@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_optimizer(model, config: dict, steps_per_epoch: int):
-    """SGD and LR schedule exactly as trainer.main builds them (not importable from there yet)."""
+    """SGD and LR schedule exactly as trainer.main builds them (inline there, not importable)."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD(
@@ -232,6 +232,7 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     data = load_data(config)
     decode_seconds = time.perf_counter() - start
+    data = data.to(device)  # as trainer.main does: the uint8 dataset lives on the device
     print(f"(a) trainer data: {len(data.train)} train images decoded in {decode_seconds:.1f} s")
     original = None if args.skip_original else original_dataset(data_dir, config)
 
