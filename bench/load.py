@@ -17,6 +17,7 @@ With --models-dir (the store the server under test serves), the same run also me
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import threading
@@ -204,23 +205,32 @@ def served_version(url: str) -> str | None:
         return None
 
 
-def grid(name, url, images, args) -> list[dict]:
-    """Every concurrency x images-per-request setting against `url`."""
+def measure(targets: dict[str, str], images, models_dir, args) -> list[dict]:
+    """Every setting, interleaved: per images-per-request n, (d) then each concurrency against
+    every target in turn, so that a burst of load from elsewhere skews no single comparison."""
     rows = []
-    for concurrency in args.concurrency:
-        for per_request in args.images_per_request:
-            row = run_http(
-                url, images, concurrency, per_request, args.duration, args.warmup, args.timeout
-            )
-            row.update(server=name, concurrency=concurrency, images_per_request=per_request)
+    for per_request in args.images_per_request:
+        if args.inprocess:
+            row = run_inprocess(models_dir, images, per_request, args.duration, args.warmup)
+            row.update(server="inprocess", concurrency=1, images_per_request=per_request)
             print(
-                f"{name:>9} c={concurrency:<3} n={per_request:<3} "
-                f"{row['images_per_sec']:8.1f} img/s  p99 {row['p99_ms'] or 0:7.1f} ms  "
-                f"errors {row['errors']}",
-                flush=True,
+                f"inprocess c=1   n={per_request:<3} {row['images_per_sec']:8.1f} img/s", flush=True
             )
             rows.append(row)
-            time.sleep(1)
+        for concurrency in args.concurrency:
+            for name, url in targets.items():
+                row = run_http(
+                    url, images, concurrency, per_request, args.duration, args.warmup, args.timeout
+                )
+                row.update(server=name, concurrency=concurrency, images_per_request=per_request)
+                print(
+                    f"{name:>9} c={concurrency:<3} n={per_request:<3} "
+                    f"{row['images_per_sec']:8.1f} img/s  p99 {row['p99_ms'] or 0:7.1f} ms  "
+                    f"errors {row['errors']}",
+                    flush=True,
+                )
+                rows.append(row)
+                time.sleep(1)
     return rows
 
 
@@ -264,31 +274,26 @@ def main(args: argparse.Namespace) -> int:
     images = load_images(Path(args.images), args.max_files)
     print(f"{len(images)} images from {args.images}, {sum(len(d) for _, d in images)} bytes")
     result = header("load")
-    rows: list[dict] = []
     logs = WORK_DIR / "logs"
     models_dir = Path(args.models_dir) if args.models_dir else None
-    if args.inprocess:
-        for per_request in args.images_per_request:
-            row = run_inprocess(models_dir, images, per_request, args.duration, args.warmup)
-            row.update(server="inprocess", concurrency=1, images_per_request=per_request)
-            print(f"inprocess n={per_request:<3} {row['images_per_sec']:8.1f} img/s", flush=True)
-            rows.append(row)
-
     server_env = dict(item.split("=", 1) for item in args.server_env)
-    if args.start_server:
-        with servers.gunicorn(models_dir, logs / "gunicorn.log", server_env) as url:
-            version = served_version(url)
-            rows += grid("service", url, images, args)
-    else:
-        url = args.url.rstrip("/")
+    with contextlib.ExitStack() as stack:
+        # Both servers are up for the whole run; the one not being measured sits idle.
+        if args.start_server:
+            url = stack.enter_context(
+                servers.gunicorn(models_dir, logs / "gunicorn.log", server_env)
+            )
+        else:
+            url = args.url.rstrip("/")
+        targets = {"service": url}
+        if args.baseline:
+            targets["original"] = stack.enter_context(
+                servers.original(models_dir, logs / "original.log")
+            )
         version = served_version(url)
-        rows += grid("service", url, images, args)
-    if models_dir and version and version != read_latest(models_dir):
-        print(f"warning: the server serves {version}, {models_dir}/LATEST names another")
-
-    if args.baseline:
-        with servers.original(models_dir, logs / "original.log") as base_url:
-            rows += grid("original", base_url, images, args)
+        if models_dir and version and version != read_latest(models_dir):
+            print(f"warning: the server serves {version}, {models_dir}/LATEST names another")
+        rows = measure(targets, images, models_dir, args)
 
     print()
     print_table(rows, COLUMNS)

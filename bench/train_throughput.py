@@ -63,9 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="bf16 autocast for (a) and (b), chosen as the trainer does (default %(default)s)",
     )
-    a("--steps", type=int, default=20, help="timed steps per measurement (default %(default)s)")
+    a("--steps", type=int, default=40, help="timed steps per measurement (default %(default)s)")
     a("--warmup-steps", type=int, default=3, help="untimed steps first (default %(default)s)")
-    a("--repeats", type=int, default=2, help="interleaved rounds of a, b, c (default %(default)s)")
+    a("--repeats", type=int, default=3, help="interleaved rounds of a, b, c (default %(default)s)")
     a(
         "--workers",
         type=int,
