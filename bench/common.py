@@ -5,6 +5,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,6 +40,63 @@ def ram_gib() -> float | None:
 def load_average() -> list[float]:
     """The 1, 5 and 15 minute load averages."""
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def _busy_ticks() -> int:
+    """CPU ticks spent busy on all cores since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4]
+
+
+def _tree_ticks() -> int:
+    """CPU ticks used by this process, its reaped children and its live descendants."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # Fields after the ")" that ends the command name: state is [0], ppid [1].
+                rest = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            stats[int(entry.name)] = (int(rest[1]), int(rest[11]) + int(rest[12]))
+    me = os.getpid()
+    total = sum(
+        int(x) for x in Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[11:15]
+    )
+    tree, frontier = set(), {me}
+    while frontier:
+        frontier = {pid for pid, (ppid, _) in stats.items() if ppid in frontier} - tree
+        tree |= frontier
+    return total + sum(stats[pid][1] for pid in tree)
+
+
+class OtherLoad:
+    """How many cores other processes kept busy between start() and stop(): the noise gauge.
+
+    Busy ticks of the whole machine minus those of this process tree (the benchmark, servers it
+    started, DataLoader workers). Linux only; None elsewhere.
+    """
+
+    HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def start(self) -> "OtherLoad":
+        """Take the first reading."""
+        try:
+            self._t0, self._busy0, self._own0 = time.monotonic(), _busy_ticks(), _tree_ticks()
+        except (OSError, ValueError):
+            self._t0 = None
+        return self
+
+    def stop(self) -> float | None:
+        """Cores used by others since start(), averaged over the interval."""
+        if self._t0 is None:
+            return None
+        try:
+            busy, own = _busy_ticks() - self._busy0, _tree_ticks() - self._own0
+        except (OSError, ValueError):
+            return None
+        seconds = time.monotonic() - self._t0
+        return round(max(0, busy - own) / self.HZ / max(seconds, 1e-9), 2)
 
 
 def machine() -> dict:

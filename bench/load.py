@@ -33,7 +33,7 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 
 from bench import servers  # noqa: E402
-from bench.common import WORK_DIR, header, print_table, write_result  # noqa: E402
+from bench.common import WORK_DIR, OtherLoad, header, print_table, write_result  # noqa: E402
 from shared.preprocess import load_rgb, normalize_batch, resize_crop  # noqa: E402
 from shared.store import load_version, read_latest  # noqa: E402
 
@@ -163,6 +163,7 @@ def run_http(url, images, concurrency, per_request, duration, warmup, timeout) -
             records.extend(mine)
 
     cpu0 = time.process_time()
+    gauge = OtherLoad().start()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
     for t in threads:
         t.start()
@@ -170,8 +171,10 @@ def run_http(url, images, concurrency, per_request, duration, warmup, timeout) -
         t.join()
     # The load generator shares the machine with the server: report what it used.
     client_cpu = (time.process_time() - cpu0) / (time.perf_counter() - t0)
+    others = gauge.stop()
     result = summarize(records, per_request, window)
     result["client_cpu_cores"] = round(client_cpu, 2)
+    result["others_cores"] = others
     return result
 
 
@@ -181,6 +184,7 @@ def run_inprocess(models_dir, images, per_request, duration, warmup) -> dict:
     size = loaded.meta["image_size"]
     to_tensor = resize_crop(size)
     normalize = normalize_batch(loaded.meta["mean"], loaded.meta["std"])
+    gauge = OtherLoad().start()
     t0 = time.perf_counter()
     window = (t0 + warmup, t0 + warmup + duration)
     records = []
@@ -194,7 +198,9 @@ def run_inprocess(models_dir, images, per_request, duration, warmup) -> dict:
             probs = loaded.model(normalize(x)).float().softmax(dim=1)
         ok = probs.shape == (per_request, loaded.meta["num_classes"])
         records.append((sent, time.perf_counter(), ok, "wrong shape", loaded.version))
-    return summarize(records, per_request, window)
+    result = summarize(records, per_request, window)
+    result["others_cores"] = gauge.stop()
+    return result
 
 
 def served_version(url: str) -> str | None:
@@ -226,7 +232,7 @@ def measure(targets: dict[str, str], images, models_dir, args) -> list[dict]:
                 print(
                     f"{name:>9} c={concurrency:<3} n={per_request:<3} "
                     f"{row['images_per_sec']:8.1f} img/s  p99 {row['p99_ms'] or 0:7.1f} ms  "
-                    f"errors {row['errors']}",
+                    f"errors {row['errors']}  others {row['others_cores']} cores",
                     flush=True,
                 )
                 rows.append(row)
@@ -244,7 +250,8 @@ COLUMNS = [
     ("p95_ms", "p95 ms"),
     ("p99_ms", "p99 ms"),
     ("errors", "errors"),
-    ("client_cpu_cores", "client cpu"),
+    ("client_cpu_cores", "client cores"),
+    ("others_cores", "others cores"),
 ]
 
 

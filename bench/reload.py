@@ -25,7 +25,7 @@ import requests
 import torch
 
 from bench import servers
-from bench.common import WORK_DIR, header, print_table, write_result
+from bench.common import WORK_DIR, OtherLoad, header, print_table, write_result
 from bench.load import load_images
 from shared import store
 from shared.classes import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
@@ -213,6 +213,7 @@ def main(args: argparse.Namespace) -> int:
 
     def measure(url: str) -> tuple[list[dict], int, list[tuple]]:
         swaps = []
+        gauge = OtherLoad().start()
         with Load(url, images, args.concurrency, args.images_per_request) as load:
             time.sleep(args.settle)
             for n in range(args.repeats):
@@ -223,6 +224,7 @@ def main(args: argparse.Namespace) -> int:
                     f"changed, {row['failed_after_change']} failed",
                     flush=True,
                 )
+        result["others_cores"] = gauge.stop()
         failed = [r for r in load.records if not r[2]]
         return swaps, len(load.records), failed
 
