@@ -41,18 +41,25 @@ def context(r: dict) -> str:
 def train_throughput(r: dict) -> str:
     s, ips = r["settings"], r["images_per_sec"]
     dtype = "bf16 autocast, channels_last" if s["bf16"] else "fp32, channels_last"
+
+    def samples(key: str) -> str:
+        return ", ".join(
+            f"{_n(x['images_per_sec'], 0)} ({_n(x.get('others_cores'), 2)})"
+            for x in r["samples"][key]
+        )
+
     rows = [
-        ["(a) trainer: `train_one_epoch` + `evaluate`", _n(ips["a"]), dtype],
-        ["    `train_one_epoch` alone", _n(r["train_only_images_per_sec"]), dtype],
-        ["(b) bare step, pre-made batch (the limit)", _n(ips["b"]), dtype],
-        ["(c) original: ImageFolder + DataLoader", _n(ips["c"]), "fp32"],
+        ["(a) trainer: `train_one_epoch` + `evaluate`", _n(ips["a"]), dtype, samples("a")],
+        ["    `train_one_epoch` alone", _n(r["train_only_images_per_sec"]), dtype, ""],
+        ["(b) bare step, pre-made batch (the limit)", _n(ips["b"]), dtype, samples("b")],
+        ["(c) original: ImageFolder + DataLoader", _n(ips["c"]), "fp32", samples("c")],
     ]
     ratio = r["ratios"]
     return (
         f"{s['arch']}, batch {s['batch_size']}, {s['image_size']} px, {s['device']}, "
         f"{s['steps']} timed steps x {s['repeats']} interleaved rounds (medians); "
         f"data decoded once in {r['decode_seconds']} s.\n\n"
-        + table(["pipeline", "images/s", "dtype"], rows)
+        + table(["pipeline", "images/s", "dtype", "rounds: img/s (other processes, cores)"], rows)
         + f"\n\na/b = {_n(ratio['a_over_b'], 3)}, a/c = {_n(ratio['a_over_c'], 2)}\n\n"
         + context(r)
     )
@@ -96,6 +103,7 @@ def load(r: dict) -> str:
             _n(x["p95_ms"]),
             _n(x["p99_ms"]),
             x["errors"],
+            _n(x.get("others_cores"), 2),
         ]
         for x in r["rows"]
     ]
@@ -112,6 +120,7 @@ def load(r: dict) -> str:
                 "p95 ms",
                 "p99 ms",
                 "errors",
+                "others, cores",
             ],
             rows,
         )
@@ -134,7 +143,8 @@ def reload(r: dict) -> str:
     return (
         table(["swap", "first new answer, s", "last old answer, s", "requests", "failed"], rows)
         + f"\n\nWorst {r['worst_first_new_s']} s; "
-        + f"{r['failed']} failed of {r['requests']} requests.\n\n"
+        + f"{r['failed']} failed of {r['requests']} requests; other processes used "
+        + f"{_n(r.get('others_cores'), 2)} cores meanwhile.\n\n"
         + context(r)
     )
 
