@@ -1,0 +1,166 @@
+"""What every benchmark shares: the machine's description, tables, and atomic JSON results."""
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Benchmark state that must not be committed (run folders, model stores, server logs).
+WORK_DIR = Path("volumes/bench")
+DEFAULT_DATA_DIR = Path(os.environ.get("TRAIN_DATA_DIR") or "volumes/data/cifar10")
+
+
+def cpu_model() -> str:
+    """The CPU model name as lscpu shows it (from /proc/cpuinfo)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def ram_gib() -> float | None:
+    """Total memory in GiB, from /proc/meminfo."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    return None
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _busy_ticks() -> int:
+    """CPU ticks spent busy on all cores since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4]
+
+
+def _tree_ticks() -> int:
+    """CPU ticks used by this process, its reaped children and its live descendants."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # Fields after the ")" that ends the command name: state is [0], ppid [1].
+                rest = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            stats[int(entry.name)] = (int(rest[1]), int(rest[11]) + int(rest[12]))
+    me = os.getpid()
+    total = sum(
+        int(x) for x in Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[11:15]
+    )
+    tree, frontier = set(), {me}
+    while frontier:
+        frontier = {pid for pid, (ppid, _) in stats.items() if ppid in frontier} - tree
+        tree |= frontier
+    return total + sum(stats[pid][1] for pid in tree)
+
+
+class OtherLoad:
+    """How many cores other processes kept busy between start() and stop(): the noise gauge.
+
+    Busy ticks of the whole machine minus those of this process tree (the benchmark, servers it
+    started, DataLoader workers). Linux only; None elsewhere.
+    """
+
+    HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def start(self) -> "OtherLoad":
+        """Take the first reading."""
+        try:
+            self._t0, self._busy0, self._own0 = time.monotonic(), _busy_ticks(), _tree_ticks()
+        except (OSError, ValueError):
+            self._t0 = None
+        return self
+
+    def stop(self) -> float | None:
+        """Cores used by others since start(), averaged over the interval."""
+        if self._t0 is None:
+            return None
+        try:
+            busy, own = _busy_ticks() - self._busy0, _tree_ticks() - self._own0
+        except (OSError, ValueError):
+            return None
+        seconds = time.monotonic() - self._t0
+        return round(max(0, busy - own) / self.HZ / max(seconds, 1e-9), 2)
+
+
+def machine() -> dict:
+    """CPU model, cores usable by this process, RAM, torch version and GPU (if any)."""
+    import torch
+
+    info = {
+        "cpu": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)),
+        "ram_gib": ram_gib(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def header(name: str) -> dict:
+    """The common head of every result file: what ran, when, where, and how busy the box was."""
+    return {
+        "benchmark": name,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, "-m", f"bench.{name}", *sys.argv[1:]]),
+        "machine": machine(),
+        "load_average_before": load_average(),
+    }
+
+
+def write_result(result: dict, out: str | None, default_name: str) -> Path:
+    """Write `result` (with the load average at the end) as JSON; return the path."""
+    from shared.store import atomic_write_json
+
+    result["load_average_after"] = load_average()
+    path = Path(out) if out else RESULTS_DIR / default_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, result)
+    return path
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
+    """Print rows as an aligned text table; columns are (key, heading) pairs."""
+    cells = [[heading for _, heading in columns]]
+    for row in rows:
+        cells.append([_fmt(row.get(key)) for key, _ in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    for n, r in enumerate(cells):
+        # First column (labels) left-aligned, figures right-aligned under their headings.
+        line = [
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        print("  ".join(line).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def dumps(obj) -> str:
+    """Compact JSON for log lines."""
+    return json.dumps(obj, separators=(",", ":"))

@@ -1,0 +1,344 @@
+"""Load generator for any deployment of the inference service, plus the two reference points.
+
+    python -m bench.load --url http://localhost:3000 --images DIR \\
+        --concurrency 1,4,16 --images-per-request 1,8,32 --duration 20
+
+Each client thread has its own requests.Session and sends, back to back, multipart uploads built
+exactly like the original client's: files=[('file', (name, bytes, 'image/jpeg')), ...]. Per
+setting (concurrency x images per request): requests/s, images/s, p50/p95/p99 latency and
+errors, over `--duration` seconds after `--warmup` seconds. Only --url is needed.
+
+With --models-dir (the store the server under test serves), the same run also measures:
+  --inprocess  (d) the in-process limit: decode + preprocess (shared.preprocess) + one batched
+               forward per images-per-request (shared.store.load_version), no HTTP, one thread;
+  --baseline   (e) bench/original_server.py (Flask's development server, one forward per
+               file) on a free port, started and stopped here, under the same grid.
+--start-server serves --models-dir with this checkout's Gunicorn instead of --url.
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+# Before torch loads OpenMP: the in-process limit (d) and the original-style server (e, which
+# inherits this environment) run torch with the setting inference/gunicorn.conf.py gives the
+# service. Spinning OpenMP threads on a busy 2-core box turn 10 ms forwards into 500 ms ones.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import requests  # noqa: E402
+import torch  # noqa: E402
+
+from bench import servers  # noqa: E402
+from bench.common import WORK_DIR, OtherLoad, header, print_table, write_result  # noqa: E402
+from shared.preprocess import load_rgb, normalize_batch, resize_crop  # noqa: E402
+from shared.store import load_version, read_latest  # noqa: E402
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def int_list(text: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16]."""
+    values = [int(x) for x in text.split(",") if x.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("expected positive integers like 1,4,16")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench.load",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a = p.add_argument
+    a("--url", help="base URL of the deployment, e.g. http://localhost:3000")
+    a("--images", required=True, help="folder searched recursively for image files")
+    a("--max-files", type=int, default=1000, help="images loaded, spread over DIR (default 1000)")
+    a("--concurrency", type=int_list, default=[1, 4, 16], help="client threads (default 1,4,16)")
+    a("--images-per-request", type=int_list, default=[1, 8, 32], help="default 1,8,32")
+    a("--duration", type=float, default=20, help="measured seconds per setting (default 20)")
+    a("--warmup", type=float, default=3, help="unmeasured seconds first (default 3)")
+    a("--timeout", type=float, default=60, help="per-request timeout, s (default 60)")
+    a("--models-dir", help="the served model store, for --inprocess, --baseline, --start-server")
+    a("--inprocess", action="store_true", help="also measure (d), the in-process limit")
+    a("--baseline", action="store_true", help="also measure (e), the original-style server")
+    a("--start-server", action="store_true", help="serve --models-dir with Gunicorn here")
+    a(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="setting for --start-server's Gunicorn (repeatable), e.g. THREADS=32",
+    )
+    a("--label", default="", help="name for this run in the JSON file name")
+    a("--out", help="JSON path (default bench/results/load[-LABEL].json)")
+    args = p.parse_args(argv)
+    if not args.url and not args.start_server:
+        p.error("give --url, or --start-server with --models-dir")
+    if (args.inprocess or args.baseline or args.start_server) and not args.models_dir:
+        p.error("--inprocess, --baseline and --start-server need --models-dir")
+    return args
+
+
+def load_images(folder: Path, limit: int) -> list[tuple[str, bytes]]:
+    """(name, bytes) of up to `limit` image files spread evenly over `folder` (sorted walk)."""
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise SystemExit(f"error: no image files under {folder}")
+    step = max(1, len(paths) // limit)
+    return [(p.name, p.read_bytes()) for p in paths[::step][:limit]]
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return None
+    rank = max(1, round(q / 100 * len(sorted_values) + 0.5))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def summarize(records: list[tuple], per_request: int, window: tuple[float, float]) -> dict:
+    """Rates and latencies of the requests that completed inside `window`."""
+    start, end = window
+    inside = [r for r in records if start <= r[1] <= end]
+    ok = [r for r in inside if r[2]]
+    latencies = sorted((r[1] - r[0]) * 1000 for r in ok)
+    seconds = end - start
+    errors: dict[str, int] = {}
+    for r in records:  # errors anywhere in the run, warm-up included: none may be hidden
+        if not r[2]:
+            errors[str(r[3])] = errors.get(str(r[3]), 0) + 1
+    return {
+        "requests_per_sec": len(ok) / seconds,
+        "images_per_sec": len(ok) * per_request / seconds,
+        "p50_ms": percentile(latencies, 50),
+        "p95_ms": percentile(latencies, 95),
+        "p99_ms": percentile(latencies, 99),
+        "max_ms": latencies[-1] if latencies else None,
+        "requests": len(ok),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "versions": sorted({r[4] for r in ok if r[4]}),
+    }
+
+
+def run_http(url, images, concurrency, per_request, duration, warmup, timeout) -> dict:
+    """Closed loop: `concurrency` threads post `per_request` images each, back to back."""
+    t0 = time.perf_counter()
+    window = (t0 + warmup, t0 + warmup + duration)
+    records: list[tuple] = []  # (sent, received, ok, status or exception, model_version)
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        session = requests.Session()
+        i = k * 997  # clients start at different images
+        mine = []
+        while time.perf_counter() < window[1]:
+            batch = [images[(i + j) % len(images)] for j in range(per_request)]
+            i += per_request
+            files = [("file", (name, data, "image/jpeg")) for name, data in batch]
+            sent = time.perf_counter()
+            version = None
+            try:
+                response = session.post(url + "/predict", files=files, timeout=timeout)
+                status = response.status_code
+                body = response.json()
+                predictions = body.get("predictions", [])
+                ok = (
+                    status == 200
+                    and len(predictions) == per_request
+                    and all("category" in p for p in predictions)
+                )
+                version = body.get("model_version")
+            except (requests.RequestException, ValueError) as exc:
+                ok, status = False, type(exc).__name__
+            mine.append((sent, time.perf_counter(), ok, status, version))
+        session.close()
+        with lock:
+            records.extend(mine)
+
+    cpu0 = time.process_time()
+    gauge = OtherLoad().start()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # The load generator shares the machine with the server: report what it used.
+    client_cpu = (time.process_time() - cpu0) / (time.perf_counter() - t0)
+    others = gauge.stop()
+    result = summarize(records, per_request, window)
+    result["client_cpu_cores"] = round(client_cpu, 2)
+    result["others_cores"] = others
+    return result
+
+
+def run_inprocess(models_dir, images, per_request, duration, warmup) -> dict:
+    """(d): decode + resize_crop + normalize + one forward of `per_request` images, no HTTP."""
+    loaded = load_version(models_dir, read_latest(models_dir))
+    size = loaded.meta["image_size"]
+    to_tensor = resize_crop(size)
+    normalize = normalize_batch(loaded.meta["mean"], loaded.meta["std"])
+    gauge = OtherLoad().start()
+    t0 = time.perf_counter()
+    window = (t0 + warmup, t0 + warmup + duration)
+    records = []
+    i = 0
+    while time.perf_counter() < window[1]:
+        batch = [images[(i + j) % len(images)] for j in range(per_request)]
+        i += per_request
+        sent = time.perf_counter()
+        x = torch.stack([to_tensor(load_rgb(data, draft_size=size)) for _, data in batch])
+        with torch.inference_mode():
+            probs = loaded.model(normalize(x)).float().softmax(dim=1)
+        ok = probs.shape == (per_request, loaded.meta["num_classes"])
+        records.append((sent, time.perf_counter(), ok, "wrong shape", loaded.version))
+    result = summarize(records, per_request, window)
+    result["others_cores"] = gauge.stop()
+    return result
+
+
+def served_version(url: str) -> str | None:
+    """The version GET /model reports (None when the deployment has no such route)."""
+    try:
+        return requests.get(url + "/model", timeout=10).json().get("version")
+    except (requests.RequestException, ValueError):
+        return None
+
+
+def measure(targets: dict[str, str], images, models_dir, args) -> list[dict]:
+    """Every setting, interleaved: per images-per-request n, (d) then each concurrency against
+    every target in turn, so that a burst of load from elsewhere skews no single comparison."""
+    rows = []
+    for per_request in args.images_per_request:
+        if args.inprocess:
+            row = run_inprocess(models_dir, images, per_request, args.duration, args.warmup)
+            row.update(server="inprocess", concurrency=1, images_per_request=per_request)
+            print(
+                f"inprocess c=1   n={per_request:<3} {row['images_per_sec']:8.1f} img/s", flush=True
+            )
+            rows.append(row)
+        for concurrency in args.concurrency:
+            for name, url in targets.items():
+                row = run_http(
+                    url, images, concurrency, per_request, args.duration, args.warmup, args.timeout
+                )
+                row.update(server=name, concurrency=concurrency, images_per_request=per_request)
+                print(
+                    f"{name:>9} c={concurrency:<3} n={per_request:<3} "
+                    f"{row['images_per_sec']:8.1f} img/s  p99 {row['p99_ms'] or 0:7.1f} ms  "
+                    f"errors {row['errors']}  others {row['others_cores']} cores",
+                    flush=True,
+                )
+                rows.append(row)
+                time.sleep(1)
+    return rows
+
+
+COLUMNS = [
+    ("server", "server"),
+    ("concurrency", "conc"),
+    ("images_per_request", "img/req"),
+    ("requests_per_sec", "req/s"),
+    ("images_per_sec", "img/s"),
+    ("p50_ms", "p50 ms"),
+    ("p95_ms", "p95 ms"),
+    ("p99_ms", "p99 ms"),
+    ("errors", "errors"),
+    ("client_cpu_cores", "client cores"),
+    ("others_cores", "others cores"),
+]
+
+
+def find(rows, server, concurrency, per_request) -> dict | None:
+    """The row of one setting, if measured."""
+    for row in rows:
+        if (row["server"], row["images_per_request"]) == (server, per_request) and (
+            concurrency is None or row["concurrency"] == concurrency
+        ):
+            return row
+    return None
+
+
+def ratios(rows: list[dict]) -> dict:
+    """The issue's targets: ours / original at 1 img, conc 16; ours / in-process at 32, conc 4."""
+    out = {}
+    ours, base = find(rows, "service", 16, 1), find(rows, "original", 16, 1)
+    if ours and base and base["images_per_sec"]:
+        out["c16_n1_service_over_original"] = ours["images_per_sec"] / base["images_per_sec"]
+    ours, limit = find(rows, "service", 4, 32), find(rows, "inprocess", None, 32)
+    if ours and limit:
+        out["c4_n32_service_over_inprocess"] = ours["images_per_sec"] / limit["images_per_sec"]
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    images = load_images(Path(args.images), args.max_files)
+    print(f"{len(images)} images from {args.images}, {sum(len(d) for _, d in images)} bytes")
+    result = header("load")
+    logs = WORK_DIR / "logs"
+    models_dir = Path(args.models_dir) if args.models_dir else None
+    server_env = dict(item.split("=", 1) for item in args.server_env)
+    with contextlib.ExitStack() as stack:
+        # Both servers are up for the whole run; the one not being measured sits idle.
+        if args.start_server:
+            url = stack.enter_context(
+                servers.gunicorn(models_dir, logs / "gunicorn.log", server_env)
+            )
+        else:
+            url = args.url.rstrip("/")
+        targets = {"service": url}
+        if args.baseline:
+            targets["original"] = stack.enter_context(
+                servers.original(models_dir, logs / "original.log")
+            )
+        version = served_version(url)
+        if models_dir and version and version != read_latest(models_dir):
+            print(f"warning: the server serves {version}, {models_dir}/LATEST names another")
+        rows = measure(targets, images, models_dir, args)
+
+    print()
+    print_table(rows, COLUMNS)
+    summary = ratios(rows)
+    if "c16_n1_service_over_original" in summary:
+        print(
+            f"1 image/request, concurrency 16: service / original = "
+            f"{summary['c16_n1_service_over_original']:.2f} (target >= 3, aim 5)"
+        )
+    if "c4_n32_service_over_inprocess" in summary:
+        print(
+            f"32 images/request, concurrency 4: service / in-process = "
+            f"{summary['c4_n32_service_over_inprocess']:.2f} (target >= 0.85, aim 1.0)"
+        )
+    result.update(
+        {
+            "settings": {
+                "url": None if args.start_server else args.url,
+                "started_server": args.start_server,
+                "server_env": server_env,
+                "images": args.images,
+                "image_files": len(images),
+                "concurrency": args.concurrency,
+                "images_per_request": args.images_per_request,
+                "duration_s": args.duration,
+                "warmup_s": args.warmup,
+                "models_dir": args.models_dir,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            },
+            "served_version": version,
+            "rows": rows,
+            "ratios": summary,
+        }
+    )
+    name = f"load-{args.label}.json" if args.label else "load.json"
+    print(f"wrote {write_result(result, args.out, name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))
