@@ -99,6 +99,22 @@ class OtherLoad:
         return round(max(0, busy - own) / self.HZ / max(seconds, 1e-9), 2)
 
 
+def wait_for_quiet(max_cores: float, timeout: float, window: float = 10.0) -> float | None:
+    """Sleep until other processes use at most `max_cores` over `window` seconds, or `timeout`.
+
+    Returns the last reading (None where it cannot be measured). A benchmark on a shared box
+    calls this before each sample, so that the samples it keeps are the undisturbed ones.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        gauge = OtherLoad().start()
+        time.sleep(window)
+        others = gauge.stop()
+        if others is None or others <= max_cores or time.monotonic() >= deadline:
+            return others
+        print(f"other processes use {others} cores: waiting for a quieter machine", flush=True)
+
+
 def machine() -> dict:
     """CPU model, cores usable by this process, RAM, torch version and GPU (if any)."""
     import torch
