@@ -233,6 +233,22 @@ else
   pass "inference mounts /models read-only"
 fi
 
+step "images: no secret or pip cache left, packages as pinned"
+# The build secret is mounted only during its RUN step, and pip runs with --no-cache-dir.
+leftovers=$(compose exec -T inference sh -c \
+  'ls -d /run/secrets/* /root/.cache/pip /home/*/.cache/pip /tmp/pip-* 2>/dev/null' | tr -d '\r') || true
+if [ -z "$leftovers" ]; then
+  pass "no build secret or pip cache in the inference image"
+else
+  fail "left in the image: $leftovers"
+fi
+frozen=$(compose exec -T inference python -m pip freeze 2>/dev/null | tr -d '\r') || true
+if grep -qx 'torch==2.14.1' <<<"$frozen" && grep -qx 'torchvision==0.29.1' <<<"$frozen"; then
+  pass "the image's torch and torchvision are the pinned versions"
+else
+  fail "unpinned packages in the image: $(grep -E '^torch' <<<"$frozen" | tr '\n' ' ')"
+fi
+
 step "GPU requested but CUDA not visible: a clear message"
 if out=$(compose run --rm -T -e REQUIRE_GPU=1 trainer --help 2>&1); then
   fail "REQUIRE_GPU=1 without CUDA did not stop the trainer"
