@@ -14,6 +14,7 @@ default that is a throwaway store under volumes/bench/ holding a random-init Res
 """
 
 import argparse
+import random
 import shutil
 import sys
 import tempfile
@@ -52,8 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--images", help="folder of images to send (default: generated 32x32 PNGs)")
     a("--concurrency", type=int, default=4, help="client threads (default %(default)s)")
     a("--images-per-request", type=int, default=1, help="default %(default)s")
-    a("--repeats", type=int, default=5, help="versions published (default %(default)s)")
+    a("--repeats", type=int, default=8, help="versions published (default %(default)s)")
     a("--settle", type=float, default=3, help="seconds of load before each swap (default 3)")
+    a(
+        "--jitter",
+        type=float,
+        default=2,
+        help="random extra wait, s, before each change of LATEST: spreads the changes over "
+        "the server's poll cycle (default 2, MODEL_POLL_SECONDS' default)",
+    )
     a("--max-wait", type=float, default=30, help="give up on a swap after this many seconds")
     a(
         "--server-env",
@@ -166,11 +174,14 @@ class Load:
             t.join()
 
 
-def swap(load: Load, models_dir: Path, settle: float, max_wait: float) -> dict:
+def swap(load: Load, models_dir: Path, settle: float, jitter: float, max_wait: float) -> dict:
     """Publish, move LATEST, and time how long until the new version answers."""
     old = store.read_latest(models_dir)
     new = republish(models_dir)
-    time.sleep(settle)  # publishing wrote 45 MB: let the load settle again
+    # Let the load settle after writing the weights. The random part moves the change to a
+    # different point of the server's poll cycle each time: with a fixed cycle every swap
+    # would land at the same phase (seen: five swaps in a row just after a poll).
+    time.sleep(settle + random.uniform(0, jitter))
     changed = time.perf_counter()  # an upper bound: LATEST changes inside set_latest
     store.set_latest(models_dir, new)
     set_seconds = time.perf_counter() - changed
@@ -206,6 +217,7 @@ def main(args: argparse.Namespace) -> int:
         models_dir = throwaway = Path(tempfile.mkdtemp(prefix="reload-models-", dir=WORK_DIR))
     images = load_images(Path(args.images), 500) if args.images else generated_images()
     result = header("reload")
+    random.seed(0)
     server_env = dict(item.split("=", 1) for item in args.server_env)
     if not args.url:
         models_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +229,7 @@ def main(args: argparse.Namespace) -> int:
         with Load(url, images, args.concurrency, args.images_per_request) as load:
             time.sleep(args.settle)
             for n in range(args.repeats):
-                row = swap(load, models_dir, args.settle, args.max_wait)
+                row = swap(load, models_dir, args.settle, args.jitter, args.max_wait)
                 swaps.append(row)
                 print(
                     f"swap {n + 1}: first new answer {row['first_new_s']} s after LATEST "
@@ -266,6 +278,7 @@ def main(args: argparse.Namespace) -> int:
                 "images_per_request": args.images_per_request,
                 "repeats": args.repeats,
                 "settle_s": args.settle,
+                "jitter_s": args.jitter,
                 "images": args.images or "generated",
             },
             "swaps": swaps,

@@ -60,9 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=str(DEFAULT_DATA_DIR),
         help="class folders DIR/train/<class>/*.jpg (default %(default)s; env TRAIN_DATA_DIR)",
     )
-    a("--arch", choices=ARCHS, default="resnet18", help="network (default %(default)s)")
-    a("--batch-size", type=int, default=256, help="images per step (default %(default)s)")
-    a("--image-size", type=int, default=32, help="side in pixels (default %(default)s)")
+    a("--arch", choices=ARCHS, help="network (default: the trainer's default recipe)")
+    a("--batch-size", type=int, help="images per step (default: the trainer's)")
+    a("--image-size", type=int, help="side in pixels (default: the trainer's)")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default %(default)s")
     a(
         "--amp",
@@ -244,9 +244,16 @@ def main(args: argparse.Namespace) -> int:
         )
         return 2
     device = resolve_device(args.device)
-    flags = ["--data-dir", str(data_dir), "--weights", "none", "--arch", args.arch]
-    flags += ["--batch-size", str(args.batch_size), "--image-size", str(args.image_size)]
-    config = vars(trainer_args([*flags, "--amp", args.amp]))
+    # The trainer's own parser: every hyperparameter not given here is the default recipe's.
+    flags = ["--data-dir", str(data_dir), "--weights", "none", "--amp", args.amp]
+    for flag, value in (
+        ("--arch", args.arch),
+        ("--batch-size", args.batch_size),
+        ("--image-size", args.image_size),
+    ):
+        if value is not None:
+            flags += [flag, str(value)]
+    config = vars(trainer_args(flags))
     bf16 = use_bf16(config["amp"], device)
     result = header("train_throughput")
     torch.manual_seed(0)
@@ -330,7 +337,7 @@ def main(args: argparse.Namespace) -> int:
     ]
     ratios = {"a_over_b": a / b, "a_over_c": a / c if c else None}
     print(
-        f"\n{args.arch}, batch {args.batch_size}, {args.image_size} px, {device}, "
+        f"\n{config['arch']}, batch {config['batch_size']}, {config['image_size']} px, {device}, "
         f"{args.steps} timed steps x {args.repeats} rounds (medians)"
     )
     columns = [("what", "pipeline"), ("ips", "images/s"), ("dtype", "dtype")]
@@ -341,9 +348,10 @@ def main(args: argparse.Namespace) -> int:
     result.update(
         {
             "settings": {
-                "arch": args.arch,
-                "batch_size": args.batch_size,
-                "image_size": args.image_size,
+                "arch": config["arch"],
+                "batch_size": config["batch_size"],
+                "image_size": config["image_size"],
+                "crop_padding": config["crop_padding"],
                 "device": str(device),
                 "bf16": bf16,
                 "steps": args.steps,
