@@ -34,17 +34,11 @@ from bench.common import (
     write_result,
 )
 from shared.classes import CIFAR10_MEAN, CIFAR10_STD
-from shared.model import ARCHS, build_model
+from shared.model import ARCHS, build_model, use_bf16
 from shared.preprocess import normalize_batch
-from trainer.__main__ import (
-    evaluate,
-    load_data,
-    lr_factor,
-    resolve_device,
-    train_one_epoch,
-    use_bf16,
-)
+from trainer.__main__ import load_data
 from trainer.__main__ import parse_args as trainer_args
+from trainer.loop import evaluate, make_optimizer, resolve_device, train_one_epoch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,23 +91,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--skip-original", action="store_true", help="leave out (c)")
     a("--out", help="JSON path (default bench/results/train_throughput-<device>.json)")
     return p.parse_args(argv)
-
-
-def make_optimizer(model, config: dict, steps_per_epoch: int):
-    """SGD and LR schedule exactly as trainer.main builds them (inline there, not importable)."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD(
-        [
-            {"params": decay, "weight_decay": config["weight_decay"]},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config["lr"],
-        momentum=config["momentum"],
-        nesterov=config["momentum"] > 0,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config, steps_per_epoch))
-    return opt, sched
 
 
 def sync(device: torch.device) -> None:

@@ -1,5 +1,6 @@
 """Build the network named by `arch`; the one place model construction lives."""
 
+import torch
 from torch import nn
 from torchvision.models import resnet18
 
@@ -23,3 +24,16 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     if arch == "resnet18_cifar":
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     return model
+
+
+def use_bf16(amp: str, device: torch.device) -> bool:
+    """Whether to run in bf16 autocast: "bf16", "off", or "auto" (CUDA, or CPUs with bf16 units).
+
+    Training and serving both decide here, so a model is served at the precision it was
+    validated in (on the same kind of machine).
+    """
+    if amp != "auto":
+        return amp == "bf16"
+    # CPUs without native bf16 (no AVX512-BF16/AMX) run bf16 slower than fp32.
+    return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+

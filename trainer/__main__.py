@@ -8,15 +8,23 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from shared import store
 from shared.classes import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
-from shared.model import ARCHS, build_model
-from shared.preprocess import augment_batch, normalize_batch
+from shared.model import ARCHS, build_model, use_bf16
+from shared.preprocess import normalize_batch
 from trainer import TrainerError
-from trainer.data import Dataset, Split, load_folders, load_torchvision
+from trainer.data import Dataset, load_folders, load_torchvision
+from trainer.loop import (
+    STOP,
+    Interrupted,
+    evaluate,
+    make_optimizer,
+    on_signal,
+    resolve_device,
+    train_one_epoch,
+)
 from trainer.run import RunDir
 from trainer.weights import load_initial_weights
 
@@ -108,100 +116,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise TrainerError("--device cuda, but CUDA is not available (use --device cpu)")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
-def use_bf16(amp: str, device: torch.device) -> bool:
-    if amp != "auto":
-        return amp == "bf16"
-    # CPUs without native bf16 (no AVX512-BF16/AMX) run bf16 slower than fp32.
-    return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def lr_factor(config: dict, steps_per_epoch: int):
-    """LR multiplier as a function of the global step, for LambdaLR."""
-    total = config["epochs"] * steps_per_epoch
-    if config["schedule"] == "step":
-        return lambda step: config["lr_decay"] ** (step // steps_per_epoch // config["lr_period"])
-    warm = max(1, int(total * config["warmup"]))
-    # LambdaLR also asks for step == total; with a single step in all, warm == total.
-    decay = max(1, total - warm)
-    return lambda step: (step + 1) / warm if step < warm else max(0.0, (total - step) / decay)
-
-
-def train_one_epoch(model, opt, sched, train: Split, config, device, bf16, normalize, bar):
-    """One shuffled pass over train with per-batch augmentation on the device."""
-    model.train()
-    n = len(train)
-    # Drop a ragged last batch (BatchNorm on 1 image fails), unless it is the only batch.
-    steps = max(1, n // config["batch_size"])
-    # Drawn on the CPU generator (reproducible on any device), then moved once per epoch.
-    order = torch.randperm(n).to(train.images.device)
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
-    for step in range(steps):
-        index = order[step * config["batch_size"] : (step + 1) * config["batch_size"]]
-        x, y = train.images[index], train.labels[index]
-        x = augment_batch(x, pad=config["crop_padding"])
-        x = normalize(x).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=config["label_smoothing"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        # Accumulate on the device: no host sync per step.
-        total_loss += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-        bar.update(len(y))
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
-        if STOP.signum:
-            raise Interrupted
-    return total_loss.item() / seen, correct.item() / seen, seen
-
-
-@torch.inference_mode()
-def evaluate(model, split: Split, device, bf16, normalize, batch_size=512):
-    """Loss, accuracy and confusion matrix over a split, through the serving transform tail."""
-    model.eval()
-    k = int(split.labels.max()) + 1 if len(split) else 1
-    k = max(k, model.fc.out_features)
-    confusion = torch.zeros(k, k, dtype=torch.int64)
-    total_loss = 0.0
-    for start in range(0, len(split), batch_size):
-        x = split.images[start : start + batch_size]
-        y = split.labels[start : start + batch_size]
-        x = normalize(x).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x).float()
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        pred = logits.argmax(1)
-        confusion += torch.bincount(y.cpu() * k + pred.cpu(), minlength=k * k).view(k, k)
-    n = max(len(split), 1)
-    return total_loss / n, confusion.diag().sum().item() / n, confusion
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived: stop after the current batch."""
-
-
-class STOP:
-    signum = 0
-
-
-def _on_signal(signum, _frame):
-    STOP.signum = signum
-
-
 def load_data(config: dict) -> Dataset:
     if config["data_dir"]:
         return load_folders(
@@ -257,20 +171,8 @@ def main(args: argparse.Namespace) -> int:
     if state is None:
         load_initial_weights(model, config["weights"])
     model.to(device, memory_format=torch.channels_last)
-    # No weight decay on BatchNorm and biases: it only fights their scale.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD(
-        [
-            {"params": decay, "weight_decay": config["weight_decay"]},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config["lr"],
-        momentum=config["momentum"],
-        nesterov=config["momentum"] > 0,
-    )
     steps_per_epoch = max(1, len(data.train) // config["batch_size"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config, steps_per_epoch))
+    opt, sched = make_optimizer(model, config, steps_per_epoch)
     history, best_acc, start_epoch = [], -1.0, 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -282,8 +184,8 @@ def main(args: argparse.Namespace) -> int:
             torch.cuda.set_rng_state(state["rng_cuda"])
         run.write_metrics(history)
 
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     train_seconds = sum(r["train_seconds"] for r in history)
     train_examples = sum(r["examples"] for r in history)
     try:

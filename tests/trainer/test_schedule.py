@@ -2,7 +2,7 @@
 
 import pytest
 
-from trainer.__main__ import lr_factor
+from trainer.loop import lr_factor
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "step"])

@@ -1,0 +1,116 @@
+"""The training loop: device and dtype, optimizer and schedule, one epoch, evaluation.
+
+The trainer and bench/train_throughput.py both build from these, so the benchmark measures the
+very step the trainer runs.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from shared.preprocess import augment_batch
+from trainer import TrainerError
+from trainer.data import Split
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise TrainerError("--device cuda, but CUDA is not available (use --device cpu)")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def lr_factor(config: dict, steps_per_epoch: int):
+    """LR multiplier as a function of the global step, for LambdaLR."""
+    total = config["epochs"] * steps_per_epoch
+    if config["schedule"] == "step":
+        return lambda step: config["lr_decay"] ** (step // steps_per_epoch // config["lr_period"])
+    warm = max(1, int(total * config["warmup"]))
+    # LambdaLR also asks for step == total; with a single step in all, warm == total.
+    decay = max(1, total - warm)
+    return lambda step: (step + 1) / warm if step < warm else max(0.0, (total - step) / decay)
+
+
+def make_optimizer(model, config: dict, steps_per_epoch: int):
+    """SGD (Nesterov when momentum > 0) and its per-step LambdaLR schedule."""
+    # No weight decay on BatchNorm and biases: it only fights their scale.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD(
+        [
+            {"params": decay, "weight_decay": config["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config["lr"],
+        momentum=config["momentum"],
+        nesterov=config["momentum"] > 0,
+    )
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config, steps_per_epoch))
+
+
+def train_one_epoch(model, opt, sched, train: Split, config, device, bf16, normalize, bar):
+    """One shuffled pass over train with per-batch augmentation on the device."""
+    model.train()
+    n = len(train)
+    # Drop a ragged last batch (BatchNorm on 1 image fails), unless it is the only batch.
+    steps = max(1, n // config["batch_size"])
+    # Drawn on the CPU generator (reproducible on any device), then moved once per epoch.
+    order = torch.randperm(n).to(train.images.device)
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    for step in range(steps):
+        index = order[step * config["batch_size"] : (step + 1) * config["batch_size"]]
+        x, y = train.images[index], train.labels[index]
+        x = augment_batch(x, pad=config["crop_padding"])
+        x = normalize(x).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=config["label_smoothing"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        # Accumulate on the device: no host sync per step.
+        total_loss += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        bar.update(len(y))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
+        if STOP.signum:
+            raise Interrupted
+    return total_loss.item() / seen, correct.item() / seen, seen
+
+
+@torch.inference_mode()
+def evaluate(model, split: Split, device, bf16, normalize, batch_size=512):
+    """Loss, accuracy and confusion matrix over a split, through the serving transform tail."""
+    model.eval()
+    k = int(split.labels.max()) + 1 if len(split) else 1
+    k = max(k, model.fc.out_features)
+    confusion = torch.zeros(k, k, dtype=torch.int64)
+    total_loss = 0.0
+    for start in range(0, len(split), batch_size):
+        x = split.images[start : start + batch_size]
+        y = split.labels[start : start + batch_size]
+        x = normalize(x).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x).float()
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        pred = logits.argmax(1)
+        confusion += torch.bincount(y.cpu() * k + pred.cpu(), minlength=k * k).view(k, k)
+    n = max(len(split), 1)
+    return total_loss / n, confusion.diag().sum().item() / n, confusion
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived: stop after the current batch."""
+
+
+class STOP:
+    signum = 0
+
+
+def on_signal(signum, _frame):
+    STOP.signum = signum
