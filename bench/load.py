@@ -9,8 +9,9 @@ setting (concurrency x images per request): requests/s, images/s, p50/p95/p99 la
 errors, over `--duration` seconds after `--warmup` seconds. Only --url is needed.
 
 With --models-dir (the store the server under test serves), the same run also measures:
-  --inprocess  (d) the in-process limit: decode + preprocess (shared.preprocess) + one batched
-               forward per images-per-request (shared.store.load_version), no HTTP, one thread;
+  --inprocess  (d) the in-process limit: decode + preprocess + one batched forward per
+               images-per-request through the service's own ServedModel, no HTTP, one thread,
+               at the precision the server picks (AMP from --server-env, else auto);
   --baseline   (e) bench/original_server.py (Flask's development server, one forward per
                file) on a free port, started and stopped here, under the same grid.
 --start-server serves --models-dir with this checkout's Gunicorn instead of --url.
@@ -41,7 +42,8 @@ from bench.common import (  # noqa: E402
     wait_for_quiet,
     write_result,
 )
-from shared.preprocess import load_rgb, normalize_batch, resize_crop  # noqa: E402
+from inference.predictor import ServedModel  # noqa: E402
+from shared.model import use_bf16  # noqa: E402
 from shared.store import load_version, read_latest  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -200,12 +202,10 @@ def run_http(url, images, concurrency, per_request, duration, warmup, timeout) -
     return result
 
 
-def run_inprocess(models_dir, images, per_request, duration, warmup) -> dict:
-    """(d): decode + resize_crop + normalize + one forward of `per_request` images, no HTTP."""
+def run_inprocess(models_dir, images, per_request, duration, warmup, amp) -> dict:
+    """(d): the service's own ServedModel (decode, resize, normalize, forward) without HTTP."""
     loaded = load_version(models_dir, read_latest(models_dir))
-    size = loaded.meta["image_size"]
-    to_tensor = resize_crop(size)
-    normalize = normalize_batch(loaded.meta["mean"], loaded.meta["std"])
+    served = ServedModel(loaded, bf16=use_bf16(amp, loaded.device))
     gauge = OtherLoad().start()
     t0 = time.perf_counter()
     window = (t0 + warmup, t0 + warmup + duration)
@@ -215,9 +215,7 @@ def run_inprocess(models_dir, images, per_request, duration, warmup) -> dict:
         batch = [images[(i + j) % len(images)] for j in range(per_request)]
         i += per_request
         sent = time.perf_counter()
-        x = torch.stack([to_tensor(load_rgb(data, draft_size=size)) for _, data in batch])
-        with torch.inference_mode():
-            probs = loaded.model(normalize(x)).float().softmax(dim=1)
+        probs = served.probabilities(torch.stack([served.prepare(data) for _, data in batch]))
         ok = probs.shape == (per_request, loaded.meta["num_classes"])
         records.append((sent, time.perf_counter(), ok, "wrong shape", loaded.version))
     result = summarize(records, per_request, window)
@@ -237,6 +235,8 @@ def measure(targets: dict[str, str], images, models_dir, args) -> list[dict]:
     """Every setting, interleaved: per images-per-request n, (d) then each concurrency against
     every target in turn, so that a burst of load from elsewhere skews no single comparison."""
     rows = []
+    server_env = dict(item.split("=", 1) for item in args.server_env)
+    amp = server_env.get("AMP") or os.environ.get("AMP") or "auto"
 
     def sample(name: str, concurrency: int, per_request: int, run) -> None:
         # Only servers this script started count as its own CPU use: with --url the server's
@@ -268,7 +268,7 @@ def measure(targets: dict[str, str], images, models_dir, args) -> list[dict]:
                 "inprocess",
                 1,
                 n,
-                lambda n=n: run_inprocess(models_dir, images, n, args.duration, args.warmup),
+                lambda n=n: run_inprocess(models_dir, images, n, args.duration, args.warmup, amp),
             )
         for c in args.concurrency:
             for name, url in targets.items():

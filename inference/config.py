@@ -35,6 +35,15 @@ def _log_level(text: str) -> str:
     return text.lower()
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
 def _device(text: str) -> str:
     if text != "auto" and text != "cpu" and not text.startswith("cuda"):
         raise ValueError("must be auto, cpu, cuda or cuda:N")
@@ -46,6 +55,11 @@ def _device(text: str) -> str:
 SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
     "MODELS_DIR": ("./volumes/models", str, "model store folder to serve from"),
     "DEVICE": ("auto", _device, "auto (cuda when available), cpu, cuda or cuda:N"),
+    "AMP": (
+        "auto",
+        _choice("auto", "bf16", "off"),
+        "bf16 autocast for the forward pass; auto: on for cuda and CPUs with bf16 units",
+    ),
     "MAX_UPLOAD_MB": (10.0, _positive(float), "largest request body, MiB (413 above)"),
     "MAX_FILES": (64, _positive(int), "most `file` parts in one request (413 above)"),
     "MODEL_POLL_SECONDS": (2.0, _positive(float), "seconds between reads of MODELS_DIR/LATEST"),
@@ -56,8 +70,11 @@ SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         _non_negative(float),
         "longest wait, ms, for requests being decoded to join a batch",
     ),
+    # 16 threads x 64 files: every request the default worker holds fits, so 16 clients
+    # sending 32 images each are queued, not refused (with 256 they got 1632 503s in 20 s,
+    # docs/benchmarks.md). Lower it to shed load sooner; THREADS bounds the rest.
     "QUEUE_MAX_IMAGES": (
-        256,
+        1024,
         _positive(int),
         "images waiting for the model before /predict answers 503 + Retry-After",
     ),

@@ -20,6 +20,7 @@ import torch
 
 from inference import metrics
 from inference.batcher import MicroBatcher
+from shared.model import for_inference, use_bf16
 from shared.preprocess import load_rgb, normalize_batch, resize_crop
 from shared.store import LoadedModel, StoreError, load_version, read_latest
 
@@ -43,6 +44,7 @@ class ServedModel:
     """A loaded version together with the preprocessing its model.json describes."""
 
     loaded: LoadedModel
+    bf16: bool = False
     loaded_at: str = field(default_factory=now_iso)
 
     def __post_init__(self) -> None:
@@ -52,6 +54,13 @@ class ServedModel:
         # The same two stages the trainer uses: resize_crop per image, normalize per batch.
         self._to_tensor = resize_crop(self.image_size)
         self._normalize = normalize_batch(meta["mean"], meta["std"])
+        # BatchNorm folded into the convs, channels_last: same weights, less work per pass.
+        self._net = for_inference(self.loaded.model)
+
+    @property
+    def precision(self) -> str:
+        """ "bf16" (autocast) or "fp32"."""
+        return "bf16" if self.bf16 else "fp32"
 
     @property
     def version(self) -> str:
@@ -67,7 +76,9 @@ class ServedModel:
         with torch.inference_mode():
             # Move uint8 (4x smaller than float) to the device, normalize there.
             x = self._normalize(images.to(self.loaded.device, non_blocking=True))
-            logits = self.loaded.model(x)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.loaded.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self._net(x)
             return logits.float().softmax(dim=1).cpu()
 
     def warm_up(self) -> None:
@@ -80,9 +91,12 @@ class ServedModel:
 class ModelHolder:
     """Keeps the served model in step with MODELS_DIR/LATEST."""
 
-    def __init__(self, models_dir: Path, device: str, poll_seconds: float) -> None:
+    def __init__(
+        self, models_dir: Path, device: str, poll_seconds: float, amp: str = "auto"
+    ) -> None:
         self.models_dir = Path(models_dir)
         self.device_name = device
+        self.amp = amp
         self.poll_seconds = poll_seconds
         self.current: ServedModel | None = None  # replaced, never mutated: reads need no lock
         self.latest: str | None = None  # what LATEST said at the last poll
@@ -144,8 +158,9 @@ class ModelHolder:
             if previous is not None and previous.version == latest:
                 return False
             try:
-                loaded = load_version(self.models_dir, latest, resolve_device(self.device_name))
-                served = ServedModel(loaded)
+                device = resolve_device(self.device_name)
+                loaded = load_version(self.models_dir, latest, device)
+                served = ServedModel(loaded, bf16=use_bf16(self.amp, device))
                 served.warm_up()
             except StoreError as exc:
                 self._refuse(latest, str(exc))
@@ -176,7 +191,7 @@ class Predictor:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.holder = ModelHolder(
-            config["MODELS_DIR"], config["DEVICE"], config["MODEL_POLL_SECONDS"]
+            config["MODELS_DIR"], config["DEVICE"], config["MODEL_POLL_SECONDS"], config["AMP"]
         )
         self.batcher = MicroBatcher(
             run_batch=lambda served, images: served.probabilities(images),

@@ -229,6 +229,7 @@ def model_info() -> ResponseReturnValue:
             "version": served.version if served else None,
             "loaded_at": served.loaded_at if served else None,
             "device": str(served.loaded.device) if served else None,
+            "precision": served.precision if served else None,
             "latest": holder.latest,
             "models_dir": str(holder.models_dir),
             "last_error": holder.last_error,

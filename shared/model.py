@@ -1,7 +1,10 @@
 """Build the network named by `arch`; the one place model construction lives."""
 
+import copy
+
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 from torchvision.models import resnet18
 
 # "resnet18": torchvision's ResNet-18 as is. At 32 px its stem (stride-2 conv + max-pool) leaves
@@ -37,3 +40,13 @@ def use_bf16(amp: str, device: torch.device) -> bool:
     # CPUs without native bf16 (no AVX512-BF16/AMX) run bf16 slower than fp32.
     return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
+
+def for_inference(model: nn.Module) -> nn.Module:
+    """An eval-only copy with each BatchNorm folded into its conv, in channels_last.
+
+    Folding removes a pass over every activation map; channels_last is oneDNN's and cuDNN's
+    native conv layout. Measured on 2 CPU cores (docs/benchmarks.md): batch 1 in 6.3 ms instead
+    of 10.0; with bf16, batch 16 in 13.6 ms instead of 19.8. The weights are not changed.
+    """
+    folded = fuse(copy.deepcopy(model).eval())
+    return folded.to(memory_format=torch.channels_last)
