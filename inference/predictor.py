@@ -54,12 +54,14 @@ class ServedModel:
         # The same two stages the trainer uses: resize_crop per image, normalize per batch.
         self._to_tensor = resize_crop(self.image_size)
         self._normalize = normalize_batch(meta["mean"], meta["std"])
-        # BatchNorm folded into the convs, channels_last: same weights, less work per pass.
-        self._net = for_inference(self.loaded.model)
+        # BatchNorm folded into the convs, channels_last, bf16 weights when asked: the same
+        # classes for less work per pass (shared.model.for_inference).
+        self._net = for_inference(self.loaded.model, bf16=self.bf16)
+        self._dtype = torch.bfloat16 if self.bf16 else torch.float32
 
     @property
     def precision(self) -> str:
-        """ "bf16" (autocast) or "fp32"."""
+        """The dtype the served weights compute in: "bf16" or "fp32"."""
         return "bf16" if self.bf16 else "fp32"
 
     @property
@@ -76,10 +78,8 @@ class ServedModel:
         with torch.inference_mode():
             # Move uint8 (4x smaller than float) to the device, normalize there.
             x = self._normalize(images.to(self.loaded.device, non_blocking=True))
-            x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.loaded.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                logits = self._net(x)
-            return logits.float().softmax(dim=1).cpu()
+            x = x.to(self._dtype).contiguous(memory_format=torch.channels_last)
+            return self._net(x).float().softmax(dim=1).cpu()
 
     def warm_up(self) -> None:
         """Run one forward pass; raise StoreError if the output is not what the meta promises."""
