@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format e2e bench clean
+.PHONY: install test lint format e2e data bench clean
 
 install: $(STAMP)
 
@@ -28,9 +28,22 @@ format: install
 e2e:
 	bash scripts/e2e.sh
 
-bench: install
+# The 50,000 CIFAR-10 training JPEGs in class folders, for real runs and the benchmarks.
+DATA_TAR ?= ../shared/data/cifar10-train-jpg.tar.gz
+data: volumes/data/cifar10/train
+volumes/data/cifar10/train:
+	tar -xzf $(DATA_TAR) -C volumes/data
+
+# Every figure of docs/benchmarks.md, in that order (about 25 minutes on 2 cores): run it on
+# an otherwise idle machine. time_to_accuracy publishes the model the serving benchmarks load.
+bench: install data
 	$(PY) -m bench.train_throughput
 	$(PY) -m bench.time_to_accuracy
+	$(PY) -m bench.forward --models-dir volumes/bench/models
+	$(PY) -m bench.load --start-server --models-dir volumes/bench/models \
+		--images volumes/data/cifar10/train --inprocess --baseline
+	$(PY) -m bench.reload
+	$(PY) -m bench.report
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -51,7 +51,7 @@ def _device(text: str) -> str:
 
 
 # name: (default, parser, meaning). Every entry is also read from the environment variable of
-# the same name; README-section.md documents the same table.
+# the same name; README.md (Inference service, Settings) documents the same table.
 SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
     "MODELS_DIR": ("./volumes/models", str, "model store folder to serve from"),
     "DEVICE": ("auto", _device, "auto (cuda when available), cpu, cuda or cuda:N"),

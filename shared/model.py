@@ -47,8 +47,8 @@ def for_inference(model: nn.Module, bf16: bool = False) -> nn.Module:
 
     Folding removes a pass over every activation map; channels_last is oneDNN's and cuDNN's
     native conv layout; bf16 weights give autocast's arithmetic without its per-op casts.
-    Measured on 2 CPU cores with bf16 units (docs/benchmarks.md): a batch of 8 in 8.3 ms,
-    against 14.6 ms for the plain fp32 model and 11.6 ms with autocast.
+    Measured on 2 CPU cores with bf16 units (docs/benchmarks.md): a batch of 8 in 8.2 ms,
+    against 15.1 ms for the model as loaded (fp32) and 11.6 ms with autocast.
     """
     served = fuse(copy.deepcopy(model).eval()).to(memory_format=torch.channels_last)
     return served.to(torch.bfloat16) if bf16 else served
