@@ -30,10 +30,10 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
 
 
 def use_bf16(amp: str, device: torch.device) -> bool:
-    """Whether to run in bf16 autocast: "bf16", "off", or "auto" (CUDA, or CPUs with bf16 units).
+    """Whether to compute in bf16: "bf16", "off", or "auto" (CUDA, or CPUs with bf16 units).
 
-    Training and serving both decide here, so a model is served at the precision it was
-    validated in (on the same kind of machine).
+    Training (autocast) and serving (bf16 weights) both decide here, so on the same kind of
+    machine a model is served at the precision it was validated in.
     """
     if amp != "auto":
         return amp == "bf16"
