@@ -1,5 +1,6 @@
 """What every benchmark shares: the machine's description, tables, and atomic JSON results."""
 
+import argparse
 import json
 import os
 import platform
@@ -113,6 +114,42 @@ def wait_for_quiet(max_cores: float, timeout: float, window: float = 10.0) -> fl
         if others is None or others <= max_cores or time.monotonic() >= deadline:
             return others
         print(f"other processes use {others} cores: waiting for a quieter machine", flush=True)
+
+
+def add_data_dir(p: argparse.ArgumentParser) -> None:
+    """--data-dir: the class folders the training benchmarks read."""
+    p.add_argument(
+        "--data-dir",
+        default=str(DEFAULT_DATA_DIR),
+        help="class folders DIR/train/<class>/*.jpg (default %(default)s; env TRAIN_DATA_DIR)",
+    )
+
+
+def add_noise_options(p: argparse.ArgumentParser, unit: str, retries: int) -> None:
+    """--max-others, --retries, --quiet-wait: how a benchmark copes with other processes.
+
+    `unit` names what is measured at a time ("sample", "setting").
+    """
+    p.add_argument(
+        "--max-others",
+        type=float,
+        default=0.15,
+        help=f"re-measure a {unit} when other processes used more cores than this meanwhile "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=retries,
+        help=f"re-measurements per {unit} (default %(default)s)",
+    )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0,
+        help=f"before each {unit}, wait up to this many seconds for other processes to use at "
+        "most --max-others cores (default %(default)s: no wait)",
+    )
 
 
 def machine() -> dict:

@@ -37,6 +37,7 @@ from bench import servers  # noqa: E402
 from bench.common import (  # noqa: E402
     WORK_DIR,
     OtherLoad,
+    add_noise_options,
     header,
     print_table,
     wait_for_quiet,
@@ -84,21 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="setting for --start-server's Gunicorn (repeatable), e.g. THREADS=32",
     )
-    a(
-        "--max-others",
-        type=float,
-        default=0.15,
-        help="with --retries: re-measure a setting when other processes used more cores "
-        "than this meanwhile (default %(default)s)",
-    )
-    a("--retries", type=int, default=0, help="re-measurements per setting (default 0)")
-    a(
-        "--quiet-wait",
-        type=float,
-        default=0,
-        help="before each setting, wait up to this many seconds for other processes to use "
-        "at most --max-others cores (default 0: no wait)",
-    )
+    add_noise_options(p, "setting", retries=0)
     a("--label", default="", help="name for this run in the JSON file name")
     a("--out", help="JSON path (default bench/results/load[-LABEL].json)")
     args = p.parse_args(argv)

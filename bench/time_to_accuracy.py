@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import DEFAULT_DATA_DIR, WORK_DIR, header, print_table, write_result
+from bench.common import WORK_DIR, add_data_dir, header, print_table, write_result
 
 EPOCH_LINE = re.compile(r"^epoch\s+(\d+)/(\d+)\s")
 PUBLISHED_LINE = re.compile(r"^published model version (\S+)")
@@ -33,11 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     a = p.add_argument
-    a(
-        "--data-dir",
-        default=str(DEFAULT_DATA_DIR),
-        help="class folders DIR/train/<class>/*.jpg (default %(default)s; env TRAIN_DATA_DIR)",
-    )
+    add_data_dir(p)
     a("--epochs", type=int, default=4, help="trainer --epochs (default %(default)s)")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default %(default)s")
     a("--seed", type=int, default=0, help="trainer --seed (default %(default)s)")

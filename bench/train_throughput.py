@@ -26,8 +26,9 @@ from torchvision import datasets, transforms
 from tqdm import tqdm
 
 from bench.common import (
-    DEFAULT_DATA_DIR,
     OtherLoad,
+    add_data_dir,
+    add_noise_options,
     header,
     print_table,
     wait_for_quiet,
@@ -49,11 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     a = p.add_argument
-    a(
-        "--data-dir",
-        default=str(DEFAULT_DATA_DIR),
-        help="class folders DIR/train/<class>/*.jpg (default %(default)s; env TRAIN_DATA_DIR)",
-    )
+    add_data_dir(p)
     a("--arch", choices=ARCHS, help="network (default: the trainer's default recipe)")
     a("--batch-size", type=int, help="images per step (default: the trainer's)")
     a("--image-size", type=int, help="side in pixels (default: the trainer's)")
@@ -73,21 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=len(os.sched_getaffinity(0)),
         help="(c) DataLoader workers (default: cores, %(default)s)",
     )
-    a(
-        "--max-others",
-        type=float,
-        default=0.15,
-        help="re-measure a sample when other processes used more cores than this meanwhile "
-        "(default %(default)s)",
-    )
-    a("--retries", type=int, default=2, help="re-measurements per sample (default %(default)s)")
-    a(
-        "--quiet-wait",
-        type=float,
-        default=0,
-        help="before each sample, wait up to this many seconds for other processes to use at "
-        "most --max-others cores (default %(default)s: no wait)",
-    )
+    add_noise_options(p, "sample", retries=2)
     a("--skip-original", action="store_true", help="leave out (c)")
     a("--out", help="JSON path (default bench/results/train_throughput-<device>.json)")
     return p.parse_args(argv)
