@@ -93,6 +93,11 @@ def test_hot_reload_under_concurrent_requests_fails_no_request(tmp_path):
     assert len(results) > 20
 
 
+def write_latest(models_dir, text: str) -> None:
+    """Replace LATEST with `text`, bypassing the store's checks (as an attacker would)."""
+    store.atomic_write_bytes(models_dir / store.LATEST, f"{text}\n".encode())
+
+
 def corrupt_sha(models_dir, tmp_path) -> str:
     """A version whose model.pt no longer matches the sha256 in its model.json."""
     version = publish_model(models_dir, seed=3, make_latest=False)
@@ -151,7 +156,7 @@ def test_refused_versions_never_serve_and_the_current_model_keeps_serving(tmp_pa
             outside_path,
         ):
             bad = make_bad(models_dir, tmp_path)
-            store.atomic_write_bytes(models_dir / store.LATEST, f"{bad}\n".encode())
+            write_latest(models_dir, bad)
             server.wait_for(
                 lambda bad=bad: bad in json.dumps(server.get("/model").json()["last_error"]),
                 10,
@@ -177,7 +182,7 @@ def test_failed_version_is_not_retried_until_latest_changes(tmp_path):
     models_dir = tmp_path / "models"
     good = publish_model(models_dir, seed=1)
     bad = corrupt_sha(models_dir, tmp_path)
-    store.atomic_write_bytes(models_dir / store.LATEST, f"{bad}\n".encode())
+    write_latest(models_dir, bad)
     with run_server(models_dir, tmp_path, MODEL_POLL_SECONDS="0.2") as server:
         # No version loads: the only candidate is refused, once.
         server.wait_for(lambda: server.get("/model").json()["last_error"], 20, "the refusal")
@@ -274,11 +279,6 @@ def huge_latest(models_dir, tmp_path) -> str:
     os.truncate(models_dir / "LATEST.tmp", 256 << 20)
     os.replace(models_dir / "LATEST.tmp", models_dir / store.LATEST)
     return "more than the 256 bytes allowed"
-
-
-def write_latest(models_dir, text: str) -> None:
-    """Replace LATEST with `text`, bypassing the store's checks (as an attacker would)."""
-    store.atomic_write_bytes(models_dir / store.LATEST, f"{text}\n".encode())
 
 
 @pytest.mark.slow
