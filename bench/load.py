@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --url, or --start-server with --models-dir")
     if (args.inprocess or args.baseline or args.start_server) and not args.models_dir:
         p.error("--inprocess, --baseline and --start-server need --models-dir")
+    if any("=" not in item for item in args.server_env):
+        p.error("--server-env takes NAME=VALUE")
+    args.server_env = dict(item.split("=", 1) for item in args.server_env)
     return args
 
 
@@ -222,8 +225,7 @@ def measure(targets: dict[str, str], images, models_dir, args) -> list[dict]:
     """Every setting, interleaved: per images-per-request n, (d) then each concurrency against
     every target in turn, so that a burst of load from elsewhere skews no single comparison."""
     rows = []
-    server_env = dict(item.split("=", 1) for item in args.server_env)
-    amp = server_env.get("AMP") or os.environ.get("AMP") or "auto"
+    amp = args.server_env.get("AMP") or os.environ.get("AMP") or "auto"
 
     def sample(name: str, concurrency: int, per_request: int, run) -> None:
         # Only servers this script started count as its own CPU use: with --url the server's
@@ -313,12 +315,11 @@ def main(args: argparse.Namespace) -> int:
     result = header("load")
     logs = WORK_DIR / "logs"
     models_dir = Path(args.models_dir) if args.models_dir else None
-    server_env = dict(item.split("=", 1) for item in args.server_env)
     with contextlib.ExitStack() as stack:
         # Both servers are up for the whole run; the one not being measured sits idle.
         if args.start_server:
             url = stack.enter_context(
-                servers.gunicorn(models_dir, logs / "gunicorn.log", server_env)
+                servers.gunicorn(models_dir, logs / "gunicorn.log", args.server_env)
             )
         else:
             url = args.url.rstrip("/")
@@ -350,7 +351,7 @@ def main(args: argparse.Namespace) -> int:
             "settings": {
                 "url": None if args.start_server else args.url,
                 "started_server": args.start_server,
-                "server_env": server_env,
+                "server_env": args.server_env,
                 "images": args.images,
                 "image_files": len(images),
                 "concurrency": args.concurrency,
