@@ -55,8 +55,9 @@ class ServedModel:
         self._to_tensor = resize_crop(self.image_size)
         self._normalize = normalize_batch(meta["mean"], meta["std"])
         # BatchNorm folded into the convs, channels_last, bf16 weights when asked: the same
-        # classes for less work per pass (shared.model.for_inference).
-        self._net = for_inference(self.loaded.model, bf16=self.bf16)
+        # classes for less work per pass (shared.model.for_inference). The serving copy takes
+        # the loaded model's place: keeping both would hold every served version twice.
+        self.loaded.model = for_inference(self.loaded.model, bf16=self.bf16)
         self._dtype = torch.bfloat16 if self.bf16 else torch.float32
 
     @property
@@ -79,7 +80,7 @@ class ServedModel:
             # Move uint8 (4x smaller than float) to the device, normalize there.
             x = self._normalize(images.to(self.loaded.device, non_blocking=True))
             x = x.to(self._dtype).contiguous(memory_format=torch.channels_last)
-            return self._net(x).float().softmax(dim=1).cpu()
+            return self.loaded.model(x).float().softmax(dim=1).cpu()
 
     def warm_up(self) -> None:
         """Run one forward pass; raise StoreError if the output is not what the meta promises."""
