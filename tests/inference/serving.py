@@ -121,9 +121,8 @@ class Server:
         return self.proc.returncode
 
 
-@contextmanager
-def run_server(models_dir: Path, log_dir: Path, **env: str) -> Iterator[Server]:
-    """Start Gunicorn on a free port with MODELS_DIR=models_dir and `env`; stop it afterwards."""
+def start_server(models_dir: Path, log_dir: Path, **env: str) -> Server:
+    """Start Gunicorn on a free port with MODELS_DIR=models_dir and `env`; don't wait for it."""
     port = free_port()
     full_env = {
         **os.environ,
@@ -144,20 +143,31 @@ def run_server(models_dir: Path, log_dir: Path, **env: str) -> Iterator[Server]:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: cleanup can reach the workers
         )
-    server = Server(proc, port, log_path, Path(models_dir))
+    return Server(proc, port, log_path, Path(models_dir))
+
+
+def wait_live(server: Server) -> None:
+    """Wait until /health/live answers 200; fail with the log if Gunicorn exits or hangs."""
+    start = time.monotonic()
+    while True:
+        if server.proc.poll() is not None:
+            pytest.fail(f"gunicorn exited with {server.proc.returncode}\n{server.log()[-3000:]}")
+        try:
+            if server.get("/health/live", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:  # refused, or accepted before a worker is up
+            pass
+        if time.monotonic() - start > START_TIMEOUT_S:
+            pytest.fail(f"gunicorn did not answer /health/live\n{server.log()[-3000:]}")
+        time.sleep(0.1)
+
+
+@contextmanager
+def run_server(models_dir: Path, log_dir: Path, **env: str) -> Iterator[Server]:
+    """Start Gunicorn on a free port with MODELS_DIR=models_dir and `env`; stop it afterwards."""
+    server = start_server(models_dir, log_dir, **env)
     try:
-        start = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"gunicorn exited with {proc.returncode}\n{server.log()[-3000:]}")
-            try:
-                if server.get("/health/live", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:  # refused, or accepted before a worker is up
-                pass
-            if time.monotonic() - start > START_TIMEOUT_S:
-                pytest.fail(f"gunicorn did not answer /health/live\n{server.log()[-3000:]}")
-            time.sleep(0.1)
+        wait_live(server)
         yield server
     finally:
         server.stop()
