@@ -3,7 +3,8 @@
     gunicorn -c inference/gunicorn.conf.py        # from the repo root, inside .venv
 
 Settings come from inference/config.py (environment variables); the model is loaded by a
-background thread started in each worker, never at import or in the Gunicorn master.
+background thread started in each worker, never at import or in the Gunicorn master. Gunicorn
+calls `create_served_app()`, which turns a setting the machine can't honour into one line.
 """
 
 import logging
@@ -12,6 +13,7 @@ from typing import Any
 
 from flask import Flask, g, request
 from flask.wrappers import Response
+from gunicorn.errors import AppImportError
 
 from inference import metrics
 from inference.config import load_config
@@ -19,6 +21,7 @@ from inference.errors import register_error_handlers
 from inference.predictor import Predictor
 from inference.routes import bp
 from inference.upload_deadline import UploadDeadlines
+from shared.device import resolve_device
 
 
 def _record_request(response: Response) -> Response:
@@ -31,8 +34,12 @@ def _record_request(response: Response) -> Response:
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
-    """Build the app: defaults, then environment variables, then `config` (tests)."""
+    """Build the app: defaults, then environment variables, then `config` (tests).
+
+    Raises ValueError for a setting that does not parse, or a DEVICE this machine lacks.
+    """
     settings = load_config(overrides=config)
+    resolve_device(settings["DEVICE"])  # DeviceError (a ValueError) now, not at the first load
     logging.basicConfig(
         level=settings["LOG_LEVEL"].upper(),
         format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
@@ -72,3 +79,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(bp)
     register_error_handlers(app)
     return app
+
+
+def create_served_app() -> Flask:
+    """create_app for Gunicorn: a bad setting stops the server with one line, not a traceback."""
+    try:
+        return create_app()
+    except ValueError as exc:
+        # Gunicorn prints an AppImportError's message alone, and the master stops ("App failed
+        # to load", exit code 4) instead of booting a worker that would fail the same way.
+        raise AppImportError(f"error: {exc}") from None
