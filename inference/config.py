@@ -146,7 +146,9 @@ def load_config(
             try:
                 config[name] = parse(text)
             except ValueError as exc:
-                raise ValueError(f"{name}={text!r}: {exc} ({meaning})") from None
+                # int("x") and float("x") say "invalid literal ...": say it in a user's words.
+                reason = "not a number" if "literal" in str(exc) or "convert" in str(exc) else exc
+                raise ValueError(f"{name}={text!r}: {reason} ({meaning})") from None
     config.update(overrides or {})
     if config["QUEUE_MAX_IMAGES"] < config["MAX_FILES"]:
         raise ValueError("QUEUE_MAX_IMAGES must be at least MAX_FILES (one full request)")

@@ -10,7 +10,6 @@ all concurrent requests into one batch beats several processes competing for the
 and on a GPU it means one CUDA context. Threads only decode uploads and wait for the batcher.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -22,17 +21,14 @@ from pathlib import Path
 
 import gunicorn.util
 
+# Imports neither torch nor the app (the package imports inference/app.py only on first use).
+from inference.config import load_config
+
 
 def _load_settings() -> dict:
     """Every setting through inference/config.py's table; a bad value stops the master here."""
-    # Loaded by path: importing the `inference` package would import torch and the app here.
-    spec = importlib.util.spec_from_file_location(
-        "inference_settings", Path(__file__).with_name("config.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     try:
-        return module.load_config()
+        return load_config()
     except ValueError as exc:
         sys.exit(f"error: {exc}")
 
@@ -41,7 +37,7 @@ SETTINGS = _load_settings()
 WORKERS = SETTINGS["WORKERS"]
 _host = SETTINGS["BIND_ADDRESS"]
 
-wsgi_app = "inference:create_served_app()"
+wsgi_app = "inference.app:create_served_app()"
 bind = [f"[{_host}]:{SETTINGS['PORT']}" if ":" in _host else f"{_host}:{SETTINGS['PORT']}"]
 workers = WORKERS
 worker_class = "gthread"
