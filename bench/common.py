@@ -13,7 +13,7 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Benchmark state that must not be committed (run folders, model stores, server logs).
 WORK_DIR = Path("volumes/bench")
-DEFAULT_DATA_DIR = Path(os.environ.get("TRAIN_DATA_DIR") or "volumes/data/cifar10")
+DEFAULT_DATA_DIR = Path(os.environ.get("DATA_DIR") or "volumes/data/cifar10")
 
 
 def cpu_model() -> str:
@@ -121,7 +121,7 @@ def add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir",
         default=str(DEFAULT_DATA_DIR),
-        help="class folders DIR/train/<class>/*.jpg (default %(default)s; env TRAIN_DATA_DIR)",
+        help="class folders DIR/train/<class>/*.jpg (default %(default)s; env DATA_DIR)",
     )
 
 
@@ -156,9 +156,11 @@ def machine() -> dict:
     """CPU model, cores usable by this process, RAM, torch version and GPU (if any)."""
     import torch
 
+    from shared.device import usable_cpu_count
+
     info = {
         "cpu": cpu_model(),
-        "cores": len(os.sched_getaffinity(0)),
+        "cores": usable_cpu_count(),
         "ram_gib": ram_gib(),
         "python": platform.python_version(),
         "torch": torch.__version__,

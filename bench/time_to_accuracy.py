@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from bench.common import WORK_DIR, add_data_dir, header, print_table, write_result
+from shared.device import check_device_name
 
 EPOCH_LINE = re.compile(r"^epoch\s+(\d+)/(\d+)\s")
 PUBLISHED_LINE = re.compile(r"^published model version (\S+)")
@@ -35,7 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.add_argument
     add_data_dir(p)
     a("--epochs", type=int, default=4, help="trainer --epochs (default %(default)s)")
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default %(default)s")
+    a(
+        "--device",
+        type=check_device_name,
+        default="auto",
+        help="auto, cpu, cuda, cuda:N (default %(default)s)",
+    )
     a("--seed", type=int, default=0, help="trainer --seed (default %(default)s)")
     a(
         "--work-dir",

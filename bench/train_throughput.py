@@ -14,7 +14,6 @@ that a burst of load from elsewhere hits all three; the table shows medians.
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -35,11 +34,12 @@ from bench.common import (
     write_result,
 )
 from shared.classes import CIFAR10_MEAN, CIFAR10_STD
+from shared.device import check_device_name, resolve_device, usable_cpu_count
 from shared.model import ARCHS, build_model, use_bf16
 from shared.preprocess import normalize_batch
 from trainer.__main__ import load_data
 from trainer.__main__ import parse_args as trainer_args
-from trainer.loop import evaluate, make_optimizer, resolve_device, train_one_epoch
+from trainer.loop import evaluate, make_optimizer, train_one_epoch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--arch", choices=ARCHS, help="network (default: the trainer's default recipe)")
     a("--batch-size", type=int, help="images per step (default: the trainer's)")
     a("--image-size", type=int, help="side in pixels (default: the trainer's)")
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default %(default)s")
+    a(
+        "--device",
+        type=check_device_name,
+        default="auto",
+        help="auto, cpu, cuda, cuda:N (default %(default)s)",
+    )
     a(
         "--amp",
         choices=["auto", "bf16", "off"],
@@ -67,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a(
         "--workers",
         type=int,
-        default=len(os.sched_getaffinity(0)),
+        default=usable_cpu_count(),
         help="(c) DataLoader workers (default: cores, %(default)s)",
     )
     add_noise_options(p, "sample", retries=2)

@@ -59,7 +59,7 @@ def run_balancer(ports: list[int], work_dir: Path) -> Iterator[Balancer]:
     config = work_dir / "haproxy.cfg"
     config.write_text(render_config(ports))
     port = free_port()
-    env = {**os.environ, "PORT": str(port)}
+    env = {**os.environ, "PORT": str(port), "BIND_ADDRESS": "127.0.0.1"}
     checked = subprocess.run(
         [haproxy_binary(), "-c", "-f", str(config)], env=env, capture_output=True, text=True
     )

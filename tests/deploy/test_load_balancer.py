@@ -10,22 +10,17 @@ import shutil
 import signal
 import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import requests
 
+from bench.servers import STOP_TIMEOUT_S, gunicorn
 from shared.store import set_latest
 from tests.deploy.lb import run_balancer
-from tests.inference.serving import (
-    STOP_TIMEOUT_S,
-    image_bytes,
-    publish_model,
-    start_server,
-    wait_live,
-    wait_ready,
-)
+from tests.inference.serving import image_bytes, publish_model, wait_ready
 from tests.inference.traffic import DROPPED, Kind, Load, summary
 
 pytestmark = pytest.mark.slow
@@ -87,27 +82,30 @@ def cluster(tmp_path_factory):
     copy_version(shared, own, v1)
     set_latest(own, v1)
     env = {"MODEL_POLL_SECONDS": str(POLL_SECONDS), "GRACEFUL_TIMEOUT": "15", "THREADS": "8"}
-    # Started together: each one's torch import overlaps the others'.
-    replicas = [start_server(d, root, **env) for d in (shared, shared, own, empty)]
-    try:
+    env["ACCESS_LOG"] = ""
+    with ExitStack() as stack:
+        # Started side by side: each one's torch import overlaps the others'.
+        replicas = [
+            stack.enter_context(gunicorn(folder, root, env, wait=None))
+            for folder in (shared, shared, own, empty)
+        ]
+        # Stopped side by side too: every replica gets SIGTERM before the first is waited for.
+        stack.callback(lambda: [r.proc.send_signal(signal.SIGTERM) for r in alive(replicas)])
         for replica in replicas:
-            wait_live(replica)
+            replica.wait_answering("/health/live")
         for replica in replicas[:3]:
             wait_ready(replica)
-        with run_balancer([r.port for r in replicas], root) as balancer:
-            # Up once the checks have seen each replica (1 s apart) and the empty one is out.
-            deadline = time.monotonic() + 15
-            while f"{EMPTY} is DOWN" not in balancer.log() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            yield SimpleNamespace(
-                replicas=replicas, balancer=balancer, shared=shared, own=own, v1=v1
-            )
-    finally:
-        for replica in replicas:  # all at once: their graceful stops overlap
-            if replica.proc.poll() is None:
-                replica.proc.send_signal(signal.SIGTERM)
-        for replica in replicas:
-            replica.stop()
+        balancer = stack.enter_context(run_balancer([r.port for r in replicas], root))
+        # Up once the checks have seen each replica (1 s apart) and the empty one is out.
+        deadline = time.monotonic() + 15
+        while f"{EMPTY} is DOWN" not in balancer.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        yield SimpleNamespace(replicas=replicas, balancer=balancer, shared=shared, own=own, v1=v1)
+
+
+def alive(replicas: list) -> list:
+    """The replicas whose process is still running."""
+    return [r for r in replicas if r.proc.poll() is None]
 
 
 def test_three_replicas_share_the_load(cluster):
