@@ -17,9 +17,9 @@ from types import SimpleNamespace
 import pytest
 import requests
 
+from bench.balancer import haproxy
 from bench.servers import STOP_TIMEOUT_S, gunicorn
 from shared.store import set_latest
-from tests.deploy.lb import run_balancer
 from tests.inference.serving import image_bytes, publish_model, wait_ready
 from tests.inference.traffic import DROPPED, Kind, Load, summary
 
@@ -96,7 +96,7 @@ def cluster(tmp_path_factory):
             replica.wait_answering("/health/live")
         for replica in replicas[:3]:
             wait_ready(replica)
-        balancer = stack.enter_context(run_balancer([r.port for r in replicas], root))
+        balancer = stack.enter_context(haproxy([r.port for r in replicas], root))
         # Up once the checks have seen each replica (1 s apart) and the empty one is out.
         deadline = time.monotonic() + 15
         while f"{EMPTY} is DOWN" not in balancer.log() and time.monotonic() < deadline:
