@@ -133,9 +133,10 @@ class Server:
 
 @contextmanager
 def _serve(
-    command: list[str], env: dict[str, str], port: int, log_dir: Path, name: str, wait: str
+    command: list[str], env: dict[str, str], port: int, log_dir: Path, name: str, wait: str | None
 ) -> Iterator[Server]:
-    """Run `command` with its output in log_dir/<name>-<port>.log until `wait` answers 200."""
+    """Run `command` with its output in log_dir/<name>-<port>.log until `wait` answers 200
+    (None: at once; the caller waits, e.g. to start several servers side by side)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}-{port}.log"
     with open(log_path, "wb") as log:
@@ -150,7 +151,8 @@ def _serve(
     models_dir = env.get("MODELS_DIR")
     server = Server(proc, port, log_path, Path(models_dir) if models_dir else None)
     try:
-        server.wait_answering(wait)
+        if wait is not None:
+            server.wait_answering(wait)
         yield server
     finally:
         server.stop()
@@ -158,9 +160,12 @@ def _serve(
 
 @contextmanager
 def gunicorn(
-    models_dir: Path, log_dir: Path, env: dict[str, str] | None = None, wait: str = "/health/ready"
+    models_dir: Path,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    wait: str | None = "/health/ready",
 ) -> Iterator[Server]:
-    """The inference service as deployed, on a free loopback port, until `wait` answers 200.
+    """The inference service as deployed, on a free loopback port, once `wait` answers 200.
 
     `env` adds settings (THREADS, TORCH_THREADS, ACCESS_LOG, ...) to this process's environment.
     """

@@ -47,6 +47,7 @@ class Outcome:
     started: float
     seconds: float
     version: str | None = None
+    served_by: str | None = None  # a load balancer's X-Served-By: the replica that answered
 
 
 @dataclass
@@ -104,6 +105,7 @@ class Load:
                     started,
                     time.monotonic() - started,
                     version_of(response),
+                    response.headers.get("X-Served-By"),
                 )
             with self._lock:
                 self.outcomes.append(outcome)

@@ -5,6 +5,7 @@
 # the class-folder layout, train 1 epoch, serve it, POST three images with curl, train again
 # and see the running server pick up the new version without a restart, check nobody runs as
 # root and the files written are the user's, an unwritable volume and a missing GPU explained.
+# Then (scripts/e2e-scale.sh) the scaled flow: 3 replicas behind the HAProxy load balancer.
 # Containers are removed at exit, pass or fail. On a machine with Docker (no root needed) it
 # uses that Docker and python:3.11-slim; where Docker is missing (CI) it provisions both.
 #
@@ -286,6 +287,11 @@ else
   fail "REQUIRE_GPU=1 inference: state '$state'; $("$DOCKER" logs "$nogpu" 2>&1 | tail -n 5)"
 fi
 [[ -n $nogpu ]] && "$DOCKER" rm -f "$nogpu" >/dev/null 2>&1 || true
+
+# ---- Scaled serving: replicas behind the load balancer (issue 12; its own file) ----
+# shellcheck source=scripts/e2e-scale.sh
+source scripts/e2e-scale.sh
+# ---- end of scaled serving ----
 
 step "done"
 summary
