@@ -125,6 +125,17 @@ def add_data_dir(p: argparse.ArgumentParser) -> None:
     )
 
 
+def missing_data(data_dir: Path) -> str | None:
+    """None when data_dir has class folders under train/, else the one-line error saying why."""
+    if (data_dir / "train").is_dir():
+        return None
+    return (
+        f"error: no {data_dir}/train/<class>/ folders. On the development machines `make data` "
+        "extracts them from ../shared/data/cifar10-train-jpg.tar.gz; elsewhere put CIFAR-10 "
+        "(or any images) there as train/<class>/*.jpg, or give --data-dir"
+    )
+
+
 def add_noise_options(p: argparse.ArgumentParser, unit: str, retries: int) -> None:
     """--max-others, --retries, --quiet-wait: how a benchmark copes with other processes.
 

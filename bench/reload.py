@@ -1,6 +1,6 @@
 """Hot reload under load: seconds from LATEST changing to the first answer from the new version.
 
-    python -m bench.reload [--repeats 5]
+    python -m bench.reload [--repeats 8]
     python -m bench.reload --url http://localhost:3000 --models-dir /path/the/server/reads
 
 Client threads post images back to back (the original client's multipart upload) while this

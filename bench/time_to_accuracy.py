@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import WORK_DIR, add_data_dir, header, print_table, write_result
+from bench.common import WORK_DIR, add_data_dir, header, missing_data, print_table, write_result
 from shared.device import check_device_name
 
 EPOCH_LINE = re.compile(r"^epoch\s+(\d+)/(\d+)\s")
@@ -73,8 +73,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 def main(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
-    if not (data_dir / "train").is_dir():
-        print(f"error: no {data_dir}/train/<class>/ folders (see bench/README)", file=sys.stderr)
+    if message := missing_data(data_dir):
+        print(message, file=sys.stderr)
         return 2
     work = Path(args.work_dir)
     runs_dir, models_dir = work / "runs", work / "models"

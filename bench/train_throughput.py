@@ -1,6 +1,6 @@
 """Training examples/sec, three ways in one run: the trainer, the bare limit, the original style.
 
-    python -m bench.train_throughput [--data-dir volumes/data/cifar10] [--steps 20]
+    python -m bench.train_throughput [--data-dir volumes/data/cifar10] [--steps 40]
 
 (a) trainer: the trainer's own `load_data`, `train_one_epoch` (augmentation on the device,
     bf16 autocast where the trainer enables it, channels_last) and `evaluate` on a validation
@@ -29,6 +29,7 @@ from bench.common import (
     add_data_dir,
     add_noise_options,
     header,
+    missing_data,
     print_table,
     wait_for_quiet,
     write_result,
@@ -200,13 +201,8 @@ def measure_original(dataset, config, device, workers, steps, warmup) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
-    if not (data_dir / "train").is_dir():
-        print(
-            f"error: no {data_dir}/train/<class>/ folders; extract the data first: "
-            f"mkdir -p {data_dir.parent} && tar -xzf ../shared/data/cifar10-train-jpg.tar.gz "
-            f"-C {data_dir.parent}",
-            file=sys.stderr,
-        )
+    if message := missing_data(data_dir):
+        print(message, file=sys.stderr)
         return 2
     device = resolve_device(args.device)
     # The trainer's own parser: every hyperparameter not given here is the default recipe's.

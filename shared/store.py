@@ -198,19 +198,21 @@ def version_dir(models_dir: Path, version: str) -> Path:
 def list_versions(models_dir: Path) -> list[str]:
     """Complete versions in the store, oldest first (hidden temporary folders excluded)."""
     models_dir = Path(models_dir)
-    return [v for v in version_folders(models_dir) if (models_dir / v / META_FILE).is_file()]
+    return [
+        v
+        for v in version_folders(models_dir)
+        if (models_dir / v).is_dir()
+        and not (models_dir / v).is_symlink()
+        and (models_dir / v / META_FILE).is_file()
+    ]
 
 
 def version_folders(models_dir: Path) -> list[str]:
-    """Every folder named like a version, oldest first, readable or not (for reports)."""
+    """Every entry named like a version, oldest first, usable or not (for reports)."""
     models_dir = Path(models_dir)
     if not models_dir.is_dir():
         return []
-    return sorted(
-        p.name
-        for p in models_dir.iterdir()
-        if VERSION_RE.match(p.name) and p.is_dir() and not p.is_symlink()
-    )
+    return sorted(p.name for p in models_dir.iterdir() if VERSION_RE.match(p.name))
 
 
 def read_latest(models_dir: Path) -> str | None:

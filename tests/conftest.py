@@ -63,3 +63,19 @@ def run_trainer(
         timeout=timeout,
         preexec_fn=preexec_fn,
     )
+
+
+def assert_one_line_error(result, *parts: str, alone: bool = False) -> None:
+    """Exit 2 and exactly one `error:` line (the last one), naming every part, no traceback.
+
+    `alone`: stderr holds that line and nothing else (no progress bar, no warning).
+    """
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert result.stderr.rstrip().endswith(errors[0])
+    assert "Traceback" not in result.stderr
+    if alone:
+        assert result.stderr == errors[0] + "\n", result.stderr
+    for part in parts:
+        assert part in errors[0], errors[0]

@@ -71,3 +71,25 @@ def test_predictor_starts_where_os_has_no_sched_getaffinity(monkeypatch, tmp_pat
         app.extensions["inference"].stop()
         torch.set_num_threads(threads)
         usable_cpu_count.cache_clear()
+
+
+def test_gunicorn_config_reads_the_settings_without_importing_torch_or_the_app(tmp_path):
+    # The master must not load torch (no CUDA before the fork, a small master): the config
+    # reads every setting through inference/config.py's table, as Gunicorn loads the file.
+    code = (
+        "import runpy, sys; s = runpy.run_path('inference/gunicorn.conf.py'); "
+        "assert s['workers'] == 3 and s['threads'] == 5 and s['bind'] == ['127.0.0.1:3005'], s; "
+        "loaded = {'torch', 'flask', 'inference.app'} & set(sys.modules); "
+        "assert not loaded, loaded"
+    )
+    env = {
+        **os.environ,
+        "WORKERS": "3",
+        "THREADS": "5",
+        "PORT": "3005",
+        "BIND_ADDRESS": "127.0.0.1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
