@@ -2,6 +2,8 @@
 # Entrypoint of both images: stop early, with a clear message, when a GPU was requested
 # (REQUIRE_GPU=1, set by docker-compose.yml) but CUDA is not visible in the container.
 # Then run the command (exec: it gets the signals, e.g. SIGTERM from `docker compose stop`).
+# TRAINER_NPROC=N (or `gpu`: one per visible GPU) turns `python -m trainer ARGS` into
+# `torchrun --standalone --nproc-per-node N -m trainer ARGS`: N processes of one host.
 set -e
 
 if [ "${REQUIRE_GPU:-0}" = 1 ]; then
@@ -17,4 +19,8 @@ MSG
   fi
 fi
 
+if [ "${TRAINER_NPROC:-1}" != 1 ] && [ "$1 $2 $3" = "python -m trainer" ]; then
+  shift 3
+  exec torchrun --standalone --nproc-per-node "$TRAINER_NPROC" -m trainer "$@"
+fi
 exec "$@"
