@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from shared.classes import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+from shared.device import DEVICE_NAMES, DeviceError, check_device_name
 from shared.model import ARCHS, build_model, use_bf16
 from shared.preprocess import normalize_batch
 from trainer import TrainerError
@@ -36,10 +37,10 @@ from trainer.weights import load_initial_weights
 # Results): the max-pool-free ResNet-18, batch 128, peak lr 0.1, 2 px crops.
 # fmt: off
 OPTIONS = [
-    ("--data-dir", "TRAIN_DATA_DIR", str, "", None,
+    ("--data-dir", "DATA_DIR", str, "", None,
      "class folders DIR/train/<class>/*, optional DIR/valid/ and DIR/test/; "
      "empty: torchvision's CIFAR-10, downloaded into --download-dir"),
-    ("--download-dir", "DATA_DIR", str, "volumes/data", None,
+    ("--download-dir", "DOWNLOAD_DIR", str, "volumes/data", None,
      "where torchvision's CIFAR-10 is downloaded once and reused"),
     ("--epochs", "EPOCHS", int, "4", None, "passes over the training split"),
     ("--batch-size", "BATCH_SIZE", int, "128", None,
@@ -64,7 +65,7 @@ OPTIONS = [
      "in layer1 at 32 px, identical state_dict); resnet18_cifar: 3x3 stride-1 stem, no max-pool"),
     ("--weights", "WEIGHTS", str, "imagenet", None,
      "imagenet (torchvision IMAGENET1K_V1, cached in TORCH_HOME), none, or a state_dict PATH"),
-    ("--device", "DEVICE", str, "auto", ["auto", "cpu", "cuda"], "auto: cuda when available"),
+    ("--device", "DEVICE", str, "auto", None, f"{DEVICE_NAMES}; auto: cuda when available"),
     ("--amp", "AMP", str, "auto", ["auto", "bf16", "off"],
      "bf16 autocast; auto: on for cuda and for CPUs with bf16 units"),
     ("--seed", "SEED", int, "0", None, "seeds the split, initialisation, order and augmentation"),
@@ -117,10 +118,21 @@ def build_parser(defaults: bool = True) -> Parser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Every option also reads the environment variable named in its help."""
     p = build_parser()
+    if os.environ.get("TRAIN_DATA_DIR"):
+        # Renamed: the old DATA_DIR meant the download folder, so a silent fallback could
+        # read the wrong folder. Say so once, plainly.
+        p.error(
+            "TRAIN_DATA_DIR was renamed DATA_DIR (class folders, --data-dir); the CIFAR-10 "
+            "download folder is DOWNLOAD_DIR (--download-dir)"
+        )
     args = p.parse_args(argv)
     for action in p._actions:  # argparse checks choices on the command line, not env defaults
         if action.choices and getattr(args, action.dest) not in action.choices:
             p.error(f"{action.option_strings[0]} must be one of {', '.join(action.choices)}")
+    try:
+        check_device_name(args.device)
+    except DeviceError as exc:
+        p.error(f"--device (env DEVICE): {exc}")
     if args.epochs < 1 or args.batch_size < 1 or args.image_size < 8 or args.lr <= 0:
         p.error("--epochs and --batch-size must be >= 1, --image-size >= 8, --lr > 0")
     if not 0 < args.valid_ratio < 1 or not 0 <= args.warmup < 1 or args.crop_padding < 0:

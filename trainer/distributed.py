@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from shared.device import DeviceError, resolve_device
 from shared.store import atomic_write_json
 from trainer import TrainerError
-from trainer.loop import STOP, resolve_device, shard_batches
+from trainer.loop import STOP, shard_batches
 
 # Each rank writes DEBUG_DIR/rank<r>-epoch<e>.json (its shard, pid, and a sha256 of its
 # weights) after every epoch's training step: observation only, used by the tests.
@@ -48,7 +49,10 @@ class Dist:
 
 def init_distributed_mode(device_choice: str) -> Dist:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU); one process: nothing to join."""
-    device = resolve_device(device_choice)
+    try:
+        device = resolve_device(device_choice)
+    except DeviceError as exc:
+        raise TrainerError(f"--device (env DEVICE) {exc}") from None
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Dist(device)
@@ -59,7 +63,7 @@ def init_distributed_mode(device_choice: str) -> Dist:
                 f"{os.environ['LOCAL_WORLD_SIZE']} processes on this node but only "
                 f"{torch.cuda.device_count()} GPUs visible (--nproc-per-node at most that)"
             )
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank)  # one GPU per process, whatever cuda:N said
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
         control = dist.new_group(backend="gloo")

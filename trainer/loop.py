@@ -12,14 +12,6 @@ from trainer import TrainerError
 from trainer.data import Split
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise TrainerError("--device cuda, but CUDA is not available (use --device cpu)")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
 def lr_factor(config: dict, steps_per_epoch: int):
     """LR multiplier as a function of the global step, for LambdaLR."""
     total = config["epochs"] * steps_per_epoch
