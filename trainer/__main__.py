@@ -27,7 +27,7 @@ from trainer.loop import (
     train_one_epoch,
 )
 from trainer.publish import best_model_meta, publish_once
-from trainer.resume import plan_run, resume_command, torchrun_job
+from trainer.resume import plan_run, resume_command, start_run
 from trainer.run import RunDir
 from trainer.weights import load_initial_weights
 
@@ -146,15 +146,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def fresh_config(args: argparse.Namespace) -> dict:
-    """A new run's config: every option but where it runs (--device) and --resume."""
-    keys = [flag[2:].replace("-", "_") for flag, *_ in OPTIONS]
-    config = {k: getattr(args, k) for k in keys if k != "device"}
-    config["data_dir"] = str(Path(args.data_dir).resolve()) if args.data_dir else ""
-    config["torchrun_job"] = torchrun_job()
-    return config
-
-
 def load_data(config: dict) -> Dataset:
     if config["data_dir"]:
         return load_folders(
@@ -165,14 +156,6 @@ def load_data(config: dict) -> Dataset:
     )
 
 
-def start_run(args: argparse.Namespace, run_id: str | None, config: dict) -> str:
-    """Rank 0: create the run folder of a new run (or reopen a resumed one), write config.json."""
-    run = RunDir(Path(args.runs_dir) / run_id) if run_id else RunDir.create(args.runs_dir)
-    config["run_id"] = run.run_id
-    run.write_config(config)
-    return run.run_id
-
-
 def main(args: argparse.Namespace) -> int:
     # First thing: a Ctrl-C while the data loads stops at once, with one line, no traceback.
     signal.signal(signal.SIGINT, on_signal)
@@ -181,7 +164,8 @@ def main(args: argparse.Namespace) -> int:
     log = print if d.is_main else lambda *_, **__: None  # ddp: rank 0 speaks for all
     run, history = None, []
     try:
-        plan = ddp.on_main(d, plan_run, args, fresh_config(args))  # ddp: rank 0 decides
+        keys = [flag[2:].replace("-", "_") for flag, *_ in OPTIONS]
+        plan = ddp.on_main(d, plan_run, args, keys)  # ddp: rank 0 decides
         if "finished" in plan:
             log(f"run {plan['run_id']} already published {plan['finished']['version']}")
             return 0

@@ -62,9 +62,26 @@ def apply_resume_options(config: dict, done: int, args: argparse.Namespace) -> d
     return {**config, **changed}
 
 
-def plan_run(args: argparse.Namespace, fresh_config: dict) -> dict:
+def fresh_config(args: argparse.Namespace, keys: list[str]) -> dict:
+    """A new run's config: the options named by keys, but where it runs (--device)."""
+    config = {k: getattr(args, k) for k in keys if k != "device"}
+    config["data_dir"] = str(Path(args.data_dir).resolve()) if args.data_dir else ""
+    config["torchrun_job"] = torchrun_job()
+    return config
+
+
+def start_run(args: argparse.Namespace, run_id: str | None, config: dict) -> str:
+    """Rank 0: create the run folder of a new run (or reopen a resumed one), write config.json."""
+    run = RunDir(Path(args.runs_dir) / run_id) if run_id else RunDir.create(args.runs_dir)
+    config["run_id"] = run.run_id
+    run.write_config(config)
+    return run.run_id
+
+
+def plan_run(args: argparse.Namespace, keys: list[str]) -> dict:
     """Rank 0's choice, given to every rank: {"run_id", "config", "state"}; "run_id" None for a
-    new run (created once the data is loaded), "finished" for a restart after the end."""
+    new run (created once the data is loaded), "finished" for a restart after the end. keys:
+    the options a config records."""
     runs_dir = Path(args.runs_dir)
     job = torchrun_job()
     run = RunDir.newest_of_job(runs_dir, job) if job and is_restart() else None
@@ -74,7 +91,7 @@ def plan_run(args: argparse.Namespace, fresh_config: dict) -> dict:
     if run is None and args.resume:
         run = RunDir.find_unfinished(runs_dir, None if args.resume == "newest" else args.resume)
     if run is None:
-        return {"run_id": None, "config": fresh_config, "state": None}
+        return {"run_id": None, "config": fresh_config(args, keys), "state": None}
     state = run.load_state()
     config = apply_resume_options(run.read_config(), state["epoch"] if state else 0, args)
     config["torchrun_job"] = job  # a restart of this job finds this run again
