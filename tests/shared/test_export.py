@@ -1,4 +1,5 @@
-"""`python -m shared export VERSION --onnx FILE`, checked by running the file with onnxruntime."""
+"""Using a version outside the server: `python -m shared export --onnx` (run with onnxruntime)
+and the README's plain-torchvision snippet."""
 
 import json
 import random
@@ -12,7 +13,7 @@ import torch
 
 from shared import store
 from shared.__main__ import main, parse_args
-from shared.preprocess import eval_transform
+from shared.preprocess import eval_transform, load_rgb
 from tests.conftest import REPO, class_image, publish_random_model
 
 # fp32 logits of onnxruntime against PyTorch on the CPU: different kernels, same arithmetic.
@@ -89,3 +90,24 @@ def test_export_to_a_missing_folder_is_one_line_exit_2_and_writes_nothing(tmp_pa
     out, err = capsys.readouterr()
     assert (out, err) == ("", f"error: cannot write {target}: No such file or directory\n")
     assert not target.parent.exists()
+
+
+def test_readme_plain_torchvision_snippet_gives_the_servers_answers(tmp_path, capsys):
+    """The README's snippet, run as written (paths swapped), on a non-square JPEG: the same
+    input tensor and logits as the server's path (load_rgb, eval_transform, load_version)."""
+    models = tmp_path / "models"
+    version = publish_random_model(models, arch="resnet18_nomaxpool", seed=1)
+    photo = tmp_path / "cat.jpg"
+    class_image(3, random.Random(0), size=50).resize((70, 50)).save(photo)
+    readme = (REPO / "README.md").read_text()
+    blocks = [block.split("```")[0] for block in readme.split("```python\n")[1:]]
+    (snippet,) = [block for block in blocks if "torchvision.models.resnet18(" in block]
+    snippet = snippet.replace("volumes/models/<version>", f"{models}/{version}")
+    namespace = {}
+    exec(snippet.replace('"cat.jpg"', repr(str(photo))), namespace)  # noqa: S102 - our README
+    loaded = store.load_version(models, version)
+    x = eval_transform(loaded.meta)(load_rgb(photo.read_bytes())).unsqueeze(0)
+    assert torch.equal(namespace["x"], x)
+    with torch.no_grad():
+        assert torch.allclose(namespace["model"](x), loaded.model(x), atol=1e-5)
+    assert capsys.readouterr().out.strip() in loaded.meta["class_names"]
