@@ -40,7 +40,7 @@ from shared.model import ARCHS, build_model, use_bf16
 from shared.preprocess import normalize_batch
 from trainer.__main__ import load_data
 from trainer.__main__ import parse_args as trainer_args
-from trainer.loop import evaluate, make_optimizer, train_one_epoch
+from trainer.loop import evaluate, make_optimizer, shard_batches, train_one_epoch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,7 +105,10 @@ def measure_trainer(data, config, device, bf16, steps, warmup) -> dict:
     def run(split):
         bar = tqdm(total=len(split), leave=False, mininterval=2.0, file=sys.stderr, disable=None)
         with bar:
-            return train_one_epoch(model, opt, sched, split, config, device, bf16, normalize, bar)
+            batches = shard_batches(torch.randperm(len(split)), bs)
+            return train_one_epoch(
+                model, opt, sched, split, batches, config, device, bf16, normalize, bar
+            )
 
     run(warm)
     evaluate(model, valid, device, bf16, normalize)

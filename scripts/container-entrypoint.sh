@@ -7,6 +7,8 @@
 #   2. A folder in WRITABLE_DIRS (the trainer's volumes) is not writable by the container's
 #      user: how to fix it (UID/GID in .env, or the folder's owner), then exit 2.
 # Then run the command (exec: it gets the signals, e.g. SIGTERM from `docker compose stop`).
+# TRAINER_NPROC=N (or `gpu`: one per visible GPU) turns `python -m trainer ARGS` into
+# `torchrun --standalone --nproc-per-node N -m trainer ARGS`: N processes of one host.
 set -e
 
 if [ "${REQUIRE_GPU:-0}" = 1 ]; then
@@ -47,4 +49,8 @@ MSG
   fi
 done
 
+if [ "${TRAINER_NPROC:-1}" != 1 ] && [ "$1 $2 $3" = "python -m trainer" ]; then
+  shift 3
+  exec torchrun --standalone --nproc-per-node "$TRAINER_NPROC" -m trainer "$@"
+fi
 exec "$@"
