@@ -7,12 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from shared import store
-from shared.classes import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
-from shared.model import build_model
+from bench.servers import publish_model as publish_random_model  # noqa: F401 - one publisher
+from shared.classes import CIFAR10_CLASSES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,24 +47,6 @@ def make_image_folders(
 def image_folders(tmp_path: Path) -> Path:
     """A train-only dataset of 10 classes x 8 images."""
     return make_image_folders(tmp_path / "data")
-
-
-def publish_random_model(models_dir: Path, arch: str = "resnet18", seed: int = 0, **meta) -> str:
-    """Publish an untrained model straight through the store (fast path for tests)."""
-    torch.manual_seed(seed)
-    model = build_model(arch, len(CIFAR10_CLASSES))
-    full = {
-        "run_id": f"test-{seed}",
-        "arch": arch,
-        "class_names": list(CIFAR10_CLASSES),
-        "image_size": 32,
-        "mean": list(CIFAR10_MEAN),
-        "std": list(CIFAR10_STD),
-        "metrics": {"valid_acc": 0.1},
-        "config": {"seed": seed},
-    }
-    full.update(meta)
-    return store.publish(models_dir, model.state_dict(), full)
 
 
 def run_trainer(

@@ -306,7 +306,8 @@ def test_help_names_every_option_with_its_environment_variable():
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     for flag, var in [
-        ("--data-dir", "TRAIN_DATA_DIR"),
+        ("--data-dir", "DATA_DIR"),
+        ("--download-dir", "DOWNLOAD_DIR"),
         ("--epochs", "EPOCHS"),
         ("--lr", "LR"),
         ("--batch-size", "BATCH_SIZE"),
