@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from shared import store
+from shared.stores import open_store
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -12,7 +13,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--models-dir",
         default=str(store.default_models_dir()),
-        help="model store folder (env MODELS_DIR; default ./volumes/models)",
+        help="model store: a folder or s3://bucket/prefix (env MODELS_DIR; default volumes/models)",
     )
     verbs = parser.add_subparsers(dest="verb", required=True)
     verbs.add_parser("list", help="list versions, oldest first; * marks LATEST")
@@ -25,20 +26,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> int:
     """Run one store verb; errors print one line and return 2."""
     try:
+        models = open_store(args.models_dir)
         if args.verb == "list":
-            latest = store.read_latest(args.models_dir)
-            for version in store.list_versions(args.models_dir):
-                meta = store.read_meta(args.models_dir, version)
+            latest = models.read_latest()
+            for version in models.list_versions():
+                meta = models.read_meta(version)
                 mark = "*" if version == latest else " "
                 acc = meta["metrics"].get("test_acc", meta["metrics"].get("valid_acc"))
                 print(
                     f"{mark} {version}  {meta['arch']:<15} acc {acc:.4f}  run {meta.get('run_id')}"
                 )
         elif args.verb == "promote":
-            store.set_latest(args.models_dir, args.version)
+            models.set_latest(args.version)
             print(f"LATEST -> {args.version}")
         elif args.verb == "rollback":
-            print(f"LATEST -> {store.rollback(args.models_dir)}")
+            print(f"LATEST -> {models.rollback()}")
     except store.StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ import secrets
 import shutil
 import stat
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,6 +62,10 @@ class StoreError(Exception):
     """A model store operation failed; the message names the cause."""
 
 
+class StoreUnreachable(StoreError):
+    """The store did not answer (network, server down): worth retrying, unlike a bad version."""
+
+
 @dataclass
 class LoadedModel:
     """A published version turned into an eval-mode model on a device."""
@@ -84,9 +89,12 @@ def new_version_name(now: datetime | None = None) -> str:
 
 def _next_version_name(models_dir: Path) -> str:
     """A new name that sorts after every version already in the store (rollback relies on it)."""
-    newest = max(
-        (p.name for p in Path(models_dir).iterdir() if VERSION_RE.match(p.name)), default=""
-    )
+    return version_name_after(p.name for p in Path(models_dir).iterdir())
+
+
+def version_name_after(names: Iterable[str]) -> str:
+    """A new version name that sorts after every version name among `names`."""
+    newest = max((name for name in names if VERSION_RE.match(name)), default="")
     while True:
         name = new_version_name()
         # Same millisecond as the newest (or a clock step back): wait for the clock to pass it.
@@ -126,11 +134,33 @@ def atomic_write_json(path: Path, obj: dict) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """torch.save through a temporary file: a crash never leaves a half-written checkpoint."""
+def torch_bytes(obj: object) -> bytes:
+    """What torch.save writes for `obj`."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """torch.save through a temporary file: a crash never leaves a half-written checkpoint."""
+    atomic_write_bytes(path, torch_bytes(obj))
+
+
+def weights_bytes(state_dict: dict) -> bytes:
+    """The model.pt bytes of a state_dict: its tensors, detached, on the CPU."""
+    return torch_bytes({k: v.detach().cpu() for k, v in state_dict.items()})
+
+
+def full_meta(version: str, meta: dict, sha256: str) -> dict:
+    """The model.json of a new version: the trainer's `meta` plus what the store adds."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "version": version,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **meta,
+        "num_classes": len(meta["class_names"]),
+        "sha256": sha256,
+    }
 
 
 def sha256_file(path: Path) -> str:
@@ -253,16 +283,8 @@ def publish(models_dir: Path, state_dict: dict, meta: dict, make_latest: bool = 
         tmp = models_dir / f".tmp-{version}"
         tmp.mkdir()
         weights = tmp / WEIGHTS_FILE
-        atomic_torch_save({k: v.detach().cpu() for k, v in state_dict.items()}, weights)
-        full_meta = {
-            "format_version": FORMAT_VERSION,
-            "version": version,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            **meta,
-            "num_classes": len(meta["class_names"]),
-            "sha256": sha256_file(weights),
-        }
-        atomic_write_json(tmp / META_FILE, full_meta)
+        atomic_write_bytes(weights, weights_bytes(state_dict))
+        atomic_write_json(tmp / META_FILE, full_meta(version, meta, sha256_file(weights)))
         os.rename(tmp, models_dir / version)
         _fsync_dir(models_dir)
         if make_latest:
@@ -284,8 +306,17 @@ def read_meta(models_dir: Path, version: str) -> dict:
     """Read and validate a version's model.json."""
     path = version_dir(models_dir, version) / META_FILE
     try:
-        meta = json.loads(read_store_file(path, MAX_META_BYTES).decode("utf-8"))
-    except (OSError, ValueError) as exc:
+        data = read_store_file(path, MAX_META_BYTES)
+    except OSError as exc:
+        raise StoreError(f"{version}: unreadable {META_FILE} ({exc})") from None
+    return parse_meta(version, data)
+
+
+def parse_meta(version: str, data: bytes) -> dict:
+    """Validate the bytes of `version`'s model.json (every store's readers use this check)."""
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except ValueError as exc:
         raise StoreError(f"{version}: unreadable {META_FILE} ({exc})") from None
     if not isinstance(meta, dict):
         raise StoreError(f"{version}: {META_FILE} is not an object")
@@ -331,6 +362,13 @@ def load_version(models_dir: Path, version: str, device: str | torch.device = "c
         data = read_store_file(weights, MAX_WEIGHTS_BYTES)
     except OSError as exc:
         raise StoreError(f"{version}: cannot read {WEIGHTS_FILE} ({exc.strerror})") from None
+    return model_from_bytes(version, meta, data, device)
+
+
+def model_from_bytes(
+    version: str, meta: dict, data: bytes, device: str | torch.device = "cpu"
+) -> LoadedModel:
+    """The model from model.pt's bytes and the validated meta: sha256, weights_only, strict fit."""
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise StoreError(f"{version}: sha256 of {WEIGHTS_FILE} does not match {META_FILE}")
     try:

@@ -14,6 +14,7 @@ from shared import store
 from shared.classes import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from shared.model import ARCHS, build_model, use_bf16
 from shared.preprocess import normalize_batch
+from shared.stores import open_store
 from trainer import TrainerError
 from trainer.data import Dataset, load_folders, load_torchvision
 from trainer.loop import (
@@ -67,7 +68,8 @@ OPTIONS = [
     ("--seed", "SEED", int, "0", None, "seeds the split, initialisation, order and augmentation"),
     ("--valid-ratio", "VALID_RATIO", float, "0.1", None,
      "share of each class held out for validation when there is no valid/ folder"),
-    ("--models-dir", "MODELS_DIR", str, "volumes/models", None, "model store to publish into"),
+    ("--models-dir", "MODELS_DIR", str, "volumes/models", None,
+     "model store to publish into: a folder or s3://bucket/prefix (AWS_* variables)"),
     ("--runs-dir", "RUNS_DIR", str, "volumes/runs", None, "where run folders are written"),
 ]
 # fmt: on
@@ -282,7 +284,7 @@ def main(args: argparse.Namespace) -> int:
         "config": config,
     }
     try:
-        version = store.publish(Path(args.models_dir), model.state_dict(), meta)
+        version = open_store(args.models_dir).publish(model.state_dict(), meta)
     except store.StoreError as exc:
         raise TrainerError(f"{exc}; the run's best weights stay in {run.path}/best.pt") from None
     run.write_result({"version": version, "metrics": metrics})
