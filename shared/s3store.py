@@ -207,7 +207,7 @@ class S3Store(Store):
         data = self._get(self._key(check_version_name(version), META_FILE), MAX_META_BYTES)
         if data is None:
             raise StoreError(
-                f"version {version} does not exist in {self.location} (no {META_FILE})"
+                f"version {version} has no {META_FILE} in {self.location} (absent or incomplete)"
             )
         return parse_meta(version, data)
 

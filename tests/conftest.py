@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from shared import store
 from shared.classes import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from shared.model import build_model
+from shared.stores import open_store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,7 +51,9 @@ def image_folders(tmp_path: Path) -> Path:
     return make_image_folders(tmp_path / "data")
 
 
-def publish_random_model(models_dir: Path, arch: str = "resnet18", seed: int = 0, **meta) -> str:
+def publish_random_model(
+    models_dir: Path | str, arch: str = "resnet18", seed: int = 0, **meta
+) -> str:
     """Publish an untrained model straight through the store (fast path for tests)."""
     torch.manual_seed(seed)
     model = build_model(arch, len(CIFAR10_CLASSES))
@@ -66,7 +68,7 @@ def publish_random_model(models_dir: Path, arch: str = "resnet18", seed: int = 0
         "config": {"seed": seed},
     }
     full.update(meta)
-    return store.publish(models_dir, model.state_dict(), full)
+    return open_store(models_dir).publish(model.state_dict(), full)
 
 
 def run_trainer(

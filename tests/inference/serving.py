@@ -16,9 +16,9 @@ import requests
 import torch
 from PIL import Image
 
-from shared import store
 from shared.classes import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from shared.model import build_model
+from shared.stores import open_store
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 90  # importing torch on a busy 2-core machine can take a while
@@ -26,7 +26,7 @@ STOP_TIMEOUT_S = 30
 
 
 def publish_model(
-    models_dir: Path, seed: int = 0, make_latest: bool = True, **meta_overrides
+    models_dir: Path | str, seed: int = 0, make_latest: bool = True, **meta_overrides
 ) -> str:
     """Publish a random-init ResNet-18 (weights fixed by `seed`) and return its version.
 
@@ -48,7 +48,7 @@ def publish_model(
         "config": {"seed": seed},
         **meta_overrides,
     }
-    return store.publish(models_dir, model.state_dict(), meta, make_latest=make_latest)
+    return open_store(models_dir).publish(model.state_dict(), meta, make_latest=make_latest)
 
 
 def image_bytes(

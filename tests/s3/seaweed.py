@@ -90,7 +90,7 @@ class SeaweedS3:
             "-master.volumeSizeLimitMB=64",
             f"-volume.port={volume}",
             f"-volume.port.grpc={volume_grpc}",
-            "-volume.max=16",
+            "-volume.max=0",  # as many volumes as the disk holds: each bucket gets its own
             "-filer",
             f"-filer.port={filer}",
             f"-filer.port.grpc={filer_grpc}",
@@ -129,7 +129,7 @@ class SeaweedS3:
             return
         os.killpg(self.proc.pid, signal.SIGTERM)
         try:
-            self.proc.wait(15)
+            self.proc.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
