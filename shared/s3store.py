@@ -108,7 +108,7 @@ class S3Store(Store):
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if status >= 500 and status != 501:
-                raise StoreUnreachable(f"{self.location} failing ({what}): {exc}") from None
+                raise StoreUnreachable(f"{self.location} unreachable ({what}): {exc}") from None
             raise
         except BotoCoreError as exc:  # no credentials, bad endpoint, ...
             raise StoreError(f"{self.location}: {what}: {exc}") from None
