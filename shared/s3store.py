@@ -39,12 +39,14 @@ from shared.store import (
     StoreError,
     StoreUnreachable,
     atomic_write_bytes,
+    check_publish_meta,
     check_version_name,
     full_meta,
     model_from_bytes,
     parse_meta,
     read_store_file,
     version_name_after,
+    versions_to_prune,
     weights_bytes,
 )
 from shared.stores import S3_SCHEME, Store
@@ -195,6 +197,12 @@ class S3Store(Store):
             and VERSION_RE.match(key.partition("/")[0])
         )
 
+    def version_names(self) -> list[str]:
+        """Every version name with an object under it, complete or not."""
+        return sorted(
+            {k.partition("/")[0] for k in self._keys() if VERSION_RE.match(k.partition("/")[0])}
+        )
+
     def read_latest(self) -> str | None:
         """The version LATEST names, or None when there is no LATEST yet."""
         data = self._get(self._key(LATEST), MAX_LATEST_BYTES)
@@ -237,6 +245,7 @@ class S3Store(Store):
 
     def publish(self, state_dict: dict, meta: dict, make_latest: bool = True) -> str:
         """Upload model.pt, then model.json, under a new name; then point LATEST at it."""
+        check_publish_meta(meta)
         weights = weights_bytes(state_dict)
         sha = hashlib.sha256(weights).hexdigest()
         taken = [key.partition("/")[0] for key in self._keys()]
@@ -255,11 +264,35 @@ class S3Store(Store):
                 self.set_latest(version)
         except StoreError:
             # All or nothing: take the version away again (best effort: the store may be gone).
-            for name in (META_FILE, WEIGHTS_FILE):
-                with contextlib.suppress(StoreError, ClientError):
-                    self._call("clean up", "delete_object", Key=self._key(version, name))
+            with contextlib.suppress(StoreError):
+                self._delete(version)
             raise
         return version
+
+    def _delete(self, version: str) -> None:
+        # model.json first: the version stops being complete before its weights go.
+        for name in (META_FILE, WEIGHTS_FILE):
+            try:
+                self._call("delete", "delete_object", Key=self._key(version, name))
+            except ClientError as exc:
+                raise StoreError(f"cannot delete {version}/{name}: {_message(exc)}") from None
+
+    def prune(self, keep: int, dry_run: bool = False) -> list[str]:
+        """Delete all but the newest `keep` complete versions, never the one LATEST names.
+
+        Objects of unfinished publishes (model.pt without model.json) are left alone: a
+        publisher may be uploading them right now.
+        """
+        doomed = versions_to_prune(self.list_versions(), self.read_latest(), keep)
+        removed = []
+        for version in doomed:
+            # Re-read LATEST right before each removal: a promote may have moved it meanwhile.
+            if not dry_run:
+                if self.read_latest() == version:
+                    continue
+                self._delete(version)
+            removed.append(version)
+        return removed
 
     def set_latest(self, version: str) -> None:
         """Point LATEST at an existing, complete version (one PUT: readers see old or new)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from shared import store
-from shared.store import LoadedModel, StoreError
+from shared.store import LoadedModel
 
 S3_SCHEME = "s3://"
 
@@ -24,6 +24,10 @@ class Store(ABC):
     @abstractmethod
     def list_versions(self) -> list[str]:
         """Complete versions, oldest first."""
+
+    @abstractmethod
+    def version_names(self) -> list[str]:
+        """Every version name in the store, oldest first, complete or not (for reports)."""
 
     @abstractmethod
     def read_latest(self) -> str | None:
@@ -45,14 +49,15 @@ class Store(ABC):
     def set_latest(self, version: str) -> None:
         """Point LATEST at an existing, complete version."""
 
+    @abstractmethod
+    def prune(self, keep: int, dry_run: bool = False) -> list[str]:
+        """Remove all but the newest `keep` versions, never LATEST's; the names removed."""
+
     def rollback(self) -> str:
         """Point LATEST at the version published before the current one; return it."""
-        current = self.read_latest()
-        older = [v for v in self.list_versions() if current is None or v < current]
-        if not older:
-            raise StoreError(f"no version older than {current} to roll back to")
-        self.set_latest(older[-1])
-        return older[-1]
+        target = store.rollback_target(self.list_versions(), self.read_latest(), self.location)
+        self.set_latest(target)
+        return target
 
     def __str__(self) -> str:
         return self.location
@@ -68,6 +73,10 @@ class LocalStore(Store):
     def list_versions(self) -> list[str]:
         """Complete versions, oldest first."""
         return store.list_versions(self.root)
+
+    def version_names(self) -> list[str]:
+        """Every folder named like a version, usable or not."""
+        return store.version_folders(self.root)
 
     def read_latest(self) -> str | None:
         """The version LATEST names, or None."""
@@ -88,6 +97,14 @@ class LocalStore(Store):
     def set_latest(self, version: str) -> None:
         """Point LATEST at `version`."""
         store.set_latest(self.root, version)
+
+    def rollback(self) -> str:
+        """Point LATEST at the version before the current one."""
+        return store.rollback(self.root)
+
+    def prune(self, keep: int, dry_run: bool = False) -> list[str]:
+        """Remove old versions and the temporary folders of killed publishers."""
+        return store.prune(self.root, keep, dry_run=dry_run)
 
 
 def open_store(location: str | Path, cache_dir: str | Path | None = None) -> Store:

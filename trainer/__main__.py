@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from shared import store
 from shared.classes import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+from shared.device import DEVICE_NAMES, DeviceError, check_device_name
 from shared.model import ARCHS, build_model, use_bf16
 from shared.preprocess import normalize_batch
 from shared.stores import open_store
 from trainer import TrainerError
+from trainer import distributed as ddp
 from trainer.data import Dataset, load_folders, load_torchvision
 from trainer.loop import (
     STOP,
@@ -23,9 +24,11 @@ from trainer.loop import (
     evaluate,
     make_optimizer,
     on_signal,
-    resolve_device,
+    replan,
     train_one_epoch,
 )
+from trainer.publish import best_model_meta, publish_once
+from trainer.resume import plan_run, resume_command, start_run
 from trainer.run import RunDir
 from trainer.weights import load_initial_weights
 
@@ -35,13 +38,14 @@ from trainer.weights import load_initial_weights
 # Results): the max-pool-free ResNet-18, batch 128, peak lr 0.1, 2 px crops.
 # fmt: off
 OPTIONS = [
-    ("--data-dir", "TRAIN_DATA_DIR", str, "", None,
+    ("--data-dir", "DATA_DIR", str, "", None,
      "class folders DIR/train/<class>/*, optional DIR/valid/ and DIR/test/; "
      "empty: torchvision's CIFAR-10, downloaded into --download-dir"),
-    ("--download-dir", "DATA_DIR", str, "volumes/data", None,
+    ("--download-dir", "DOWNLOAD_DIR", str, "volumes/data", None,
      "where torchvision's CIFAR-10 is downloaded once and reused"),
     ("--epochs", "EPOCHS", int, "4", None, "passes over the training split"),
-    ("--batch-size", "BATCH_SIZE", int, "128", None, "images per SGD step"),
+    ("--batch-size", "BATCH_SIZE", int, "128", None,
+     "images per SGD step, over all processes under torchrun (each takes an equal share)"),
     ("--lr", "LR", float, "0.1", None, "peak learning rate"),
     ("--schedule", "SCHEDULE", str, "onecycle", ["onecycle", "step"],
      "onecycle: linear warm-up, then linear decay to 0; step: lr * lr-decay every lr-period "
@@ -62,7 +66,7 @@ OPTIONS = [
      "in layer1 at 32 px, identical state_dict); resnet18_cifar: 3x3 stride-1 stem, no max-pool"),
     ("--weights", "WEIGHTS", str, "imagenet", None,
      "imagenet (torchvision IMAGENET1K_V1, cached in TORCH_HOME), none, or a state_dict PATH"),
-    ("--device", "DEVICE", str, "auto", ["auto", "cpu", "cuda"], "auto: cuda when available"),
+    ("--device", "DEVICE", str, "auto", None, f"{DEVICE_NAMES}; auto: cuda when available"),
     ("--amp", "AMP", str, "auto", ["auto", "bf16", "off"],
      "bf16 autocast; auto: on for cuda and for CPUs with bf16 units"),
     ("--seed", "SEED", int, "0", None, "seeds the split, initialisation, order and augmentation"),
@@ -71,6 +75,9 @@ OPTIONS = [
     ("--models-dir", "MODELS_DIR", str, "volumes/models", None,
      "model store to publish into: a folder or s3://bucket/prefix (AWS_* variables)"),
     ("--runs-dir", "RUNS_DIR", str, "volumes/runs", None, "where run folders are written"),
+    ("--sync-bn", "SYNC_BN", str, "off", ["off", "on"],
+     "on: BatchNorm statistics over the global batch under torchrun (CUDA only); off: per "
+     "process"),
 ]
 # fmt: on
 
@@ -83,38 +90,61 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Every option also reads the environment variable named in its help."""
+def build_parser(defaults: bool = True) -> Parser:
+    """The options; with defaults=False an option absent from the command line stays unset."""
     p = Parser(
         prog="python -m trainer",
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=None if defaults else argparse.SUPPRESS,
     )
     for flag, var, kind, default, choices, meaning in OPTIONS:
         p.add_argument(
             flag,
             type=kind,
-            default=os.environ.get(var, default),
             choices=choices,
             help=f"{meaning} (env {var})",
+            **({"default": os.environ.get(var, default)} if defaults else {}),
         )
     p.add_argument(
         "--resume",
         nargs="?",
         const="newest",
         metavar="RUN_ID",
-        help="continue RUN_ID, or the newest unfinished run, from its last completed epoch",
+        help="continue RUN_ID, or the newest unfinished run, from its last completed epoch; "
+        "only --epochs (the schedule is re-planned), --device and the folders may change",
     )
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Every option also reads the environment variable named in its help."""
+    p = build_parser()
+    if os.environ.get("TRAIN_DATA_DIR"):
+        # Renamed: the old DATA_DIR meant the download folder, so a silent fallback could
+        # read the wrong folder. Say so once, plainly.
+        p.error(
+            "TRAIN_DATA_DIR was renamed DATA_DIR (class folders, --data-dir); the CIFAR-10 "
+            "download folder is DOWNLOAD_DIR (--download-dir)"
+        )
     args = p.parse_args(argv)
     for action in p._actions:  # argparse checks choices on the command line, not env defaults
         if action.choices and getattr(args, action.dest) not in action.choices:
             p.error(f"{action.option_strings[0]} must be one of {', '.join(action.choices)}")
+    try:
+        check_device_name(args.device)
+    except DeviceError as exc:
+        p.error(f"--device (env DEVICE): {exc}")
     if args.epochs < 1 or args.batch_size < 1 or args.image_size < 8 or args.lr <= 0:
         p.error("--epochs and --batch-size must be >= 1, --image-size >= 8, --lr > 0")
     if not 0 < args.valid_ratio < 1 or not 0 <= args.warmup < 1 or args.crop_padding < 0:
         p.error("--valid-ratio must be in (0, 1), --warmup in [0, 1), --crop-padding >= 0")
     if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
         p.error(f"--weights {args.weights}: no such file (or use 'imagenet' or 'none')")
+    # What the user chose (command line or environment), as opposed to defaults: a resume
+    # refuses the ones that would change the run.
+    from_env = {flag[2:].replace("-", "_") for flag, var, *_ in OPTIONS if var in os.environ}
+    args.given = sorted(from_env | set(vars(build_parser(defaults=False).parse_args(argv))))
     return args
 
 
@@ -129,84 +159,121 @@ def load_data(config: dict) -> Dataset:
 
 
 def main(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
-    if args.resume:
-        run = RunDir.find_unfinished(
-            args.runs_dir, None if args.resume == "newest" else args.resume
-        )
-        config = run.read_config()
-        state = run.load_state()
-        print(f"resuming run {run.run_id} after epoch {state['epoch'] if state else 0}")
-    else:
-        config = {k: v for k, v in vars(args).items() if k not in ("resume", "device")}
-        config["data_dir"] = str(Path(config["data_dir"]).resolve()) if args.data_dir else ""
-        run, state = RunDir.create(args.runs_dir), None
-        config["run_id"] = run.run_id
-    bf16 = use_bf16(config["amp"], device)
-    torch.manual_seed(config["seed"])
-
-    t0 = time.time()
-    data = load_data(config)
-    print(
-        f"data: {len(data.train)} train, {len(data.valid)} valid, "
-        f"{len(data.test) if data.test else 0} test images, {len(data.class_names)} classes, "
-        f"decoded in {time.time() - t0:.1f}s"
-    )
-    # The whole uint8 dataset lives on the training device (CIFAR-10 at 32 px: 150 MB), so a
-    # step never waits for a host-to-device copy.
-    data = data.to(device)
-    config["class_names"] = data.class_names
-    config["split"] = {
-        "valid_from_train": data.valid_from_train,
-        "valid_ratio": config["valid_ratio"],
-        "seed": config["seed"],
-        "train": len(data.train),
-        "valid": len(data.valid),
-    }
-    if state is None:
-        run.write_config(config)
-    weights_imagenet = config["weights"] == "imagenet"
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if weights_imagenet else (CIFAR10_MEAN, CIFAR10_STD)
-    normalize = normalize_batch(list(mean), list(std))
-
-    model = build_model(config["arch"], len(data.class_names))
-    if state is None:
-        load_initial_weights(model, config["weights"])
-    model.to(device, memory_format=torch.channels_last)
-    steps_per_epoch = max(1, len(data.train) // config["batch_size"])
-    opt, sched = make_optimizer(model, config, steps_per_epoch)
-    history, best_acc, start_epoch = [], -1.0, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        history, best_acc, start_epoch = state["history"], state["best_acc"], state["epoch"]
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        run.write_metrics(history)
-
+    # First thing: a Ctrl-C while the data loads stops at once, with one line, no traceback.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    train_seconds = sum(r["train_seconds"] for r in history)
-    train_examples = sum(r["examples"] for r in history)
+    d = ddp.init_distributed_mode(args.device)  # ddp: rank, world size, this rank's device
+    log = print if d.is_main else lambda *_, **__: None  # ddp: rank 0 speaks for all
+    run, history = None, []
     try:
+        keys = [flag[2:].replace("-", "_") for flag, *_ in OPTIONS]
+        plan = ddp.on_main(d, plan_run, args, keys)  # ddp: rank 0 decides
+        if "finished" in plan:
+            log(f"run {plan['run_id']} already published {plan['finished']['version']}")
+            return 0
+        config, state = plan["config"], plan["state"]
+        if config["batch_size"] % d.world_size:
+            raise TrainerError(
+                f"--batch-size {config['batch_size']} is the global batch: it must be a "
+                f"multiple of the {d.world_size} processes"
+            )
+        if state is not None:
+            log(f"resuming run {plan['run_id']} after epoch {state['epoch']}")
+        device = d.device
+        bf16 = use_bf16(config["amp"], device)
+        torch.manual_seed(config["seed"])
+
+        t0 = time.time()
+        log("loading data", flush=True)
+        with ddp.local_main_first(d):  # ddp: one download (or cache write) per node
+            data = load_data(config)
+        log(
+            f"data: {len(data.train)} train, {len(data.valid)} valid, "
+            f"{len(data.test) if data.test else 0} test images, {len(data.class_names)} "
+            f"classes, decoded in {time.time() - t0:.1f}s; {ddp.describe(d)}"
+        )
+        # The whole uint8 dataset lives on the training device (CIFAR-10 at 32 px: 150 MB), so
+        # a step never waits for a host-to-device copy.
+        data = data.to(device)
+        config["class_names"] = data.class_names
+        config["split"] = {
+            "valid_from_train": data.valid_from_train,
+            "valid_ratio": config["valid_ratio"],
+            "seed": config["seed"],
+            "train": len(data.train),
+            "valid": len(data.valid),
+        }
+        run_id = ddp.on_main(d, start_run, args, plan["run_id"], config)  # ddp: rank 0 writes
+        run = RunDir(Path(args.runs_dir) / run_id)
+        config["run_id"] = run_id
+        weights_imagenet = config["weights"] == "imagenet"
+        mean, std = (
+            (IMAGENET_MEAN, IMAGENET_STD) if weights_imagenet else (CIFAR10_MEAN, CIFAR10_STD)
+        )
+        normalize = normalize_batch(list(mean), list(std))
+
+        net = build_model(config["arch"], len(data.class_names))
+        if state is None:  # ddp: rank 0's weights; DDP copies them to the other ranks
+            ddp.on_main(d, load_initial_weights, net, config["weights"])
+        else:
+            net.load_state_dict(state["model"])
+        net.to(device, memory_format=torch.channels_last)
+        model = ddp.wrap_model(net, d, config.get("sync_bn") == "on")  # ddp: DDP(model)
+        net = getattr(model, "module", model)
+        steps_per_epoch = max(1, len(data.train) // config["batch_size"])
+        opt, sched = make_optimizer(net, config, steps_per_epoch)
+        history, best_acc, start_epoch = [], -1.0, 0
+        if state is not None:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            replan(sched)  # --epochs may have changed: the plan for the new total, from here
+            history, best_acc, start_epoch = state["history"], state["best_acc"], state["epoch"]
+            torch.set_rng_state(state["rng_cpu"])
+            if device.type == "cuda" and "rng_cuda" in state:
+                torch.cuda.set_rng_state(state["rng_cuda"])
+            if d.is_main:
+                run.write_metrics(history)
+        # ddp: each rank validates its share of valid/, the counts are summed
+        valid = data.valid.subset(torch.arange(d.rank, len(data.valid), d.world_size))
+
+        STOP.immediate = False  # from here a signal stops after the current step (state kept)
+        train_seconds = sum(r["train_seconds"] for r in history)
+        train_examples = sum(r["examples"] for r in history)
         for epoch in range(start_epoch, config["epochs"]):
             t_epoch = time.time()
             lr = sched.get_last_lr()[0]
+            batches = ddp.epoch_batches(  # ddp: this rank's shard of the epoch's permutation
+                len(data.train), config["batch_size"], config["seed"], epoch, d
+            )
             with tqdm(
-                total=steps_per_epoch * config["batch_size"],
+                total=batches.numel(),
                 unit="img",
                 leave=False,
                 mininterval=2.0,
                 desc=f"epoch {epoch + 1}/{config['epochs']}",
                 file=sys.stderr,
+                disable=not d.is_main,
             ) as bar:
                 train_loss, train_acc, seen = train_one_epoch(
-                    model, opt, sched, data.train, config, device, bf16, normalize, bar
+                    model,
+                    opt,
+                    sched,
+                    data.train,
+                    batches,
+                    config,
+                    device,
+                    bf16,
+                    normalize,
+                    bar,
+                    stop=lambda: ddp.agree_stop(d),  # ddp: a signal on any rank stops all
                 )
+            ddp.sync_buffers(net, d)  # ddp: rank 0's BatchNorm statistics everywhere
+            ddp.debug_record(d, epoch + 1, batches, net)
+            train_loss, train_acc, seen = ddp.reduce_mean(d, train_loss, train_acc, seen)
             train_time = time.time() - t_epoch
-            valid_loss, valid_acc, _ = evaluate(model, data.valid, device, bf16, normalize)
+            valid_loss, valid_acc, _ = ddp.reduce_evaluation(
+                d, *evaluate(net, valid, device, bf16, normalize)
+            )
             row = {
                 "epoch": epoch + 1,
                 "lr": round(lr, 6),
@@ -222,73 +289,62 @@ def main(args: argparse.Namespace) -> int:
             history.append(row)
             train_seconds += train_time
             train_examples += seen
-            if valid_acc > best_acc:
-                best_acc = valid_acc
-                run.save_best(model.state_dict())
             state = {
                 "epoch": epoch + 1,
-                "model": model.state_dict(),
+                "model": net.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "history": history,
-                "best_acc": best_acc,
+                "best_acc": max(best_acc, valid_acc),
                 "rng_cpu": torch.get_rng_state(),
                 "valid_index_paths": data.valid.paths,
             }
             if device.type == "cuda":
                 state["rng_cuda"] = torch.cuda.get_rng_state()
-            run.save_state(state)
-            run.write_metrics(history)
-            print(
+            if d.is_main:  # ddp: only rank 0 writes the run folder
+                if valid_acc > best_acc:
+                    run.save_best(net.state_dict())
+                run.save_state(state)
+                run.write_metrics(history)
+            best_acc = max(best_acc, valid_acc)
+            log(
                 f"epoch {epoch + 1:>3}/{config['epochs']}  lr {lr:.4f}  "
                 f"train loss {train_loss:.3f} acc {train_acc:.3f}  "
                 f"valid loss {valid_loss:.3f} acc {valid_acc:.3f}  "
                 f"{row['examples_per_sec']:.1f} img/s  {row['seconds']:.1f}s",
                 flush=True,
             )
+            if ddp.agree_stop(d):  # e.g. a signal during validation: stop, the epoch is saved
+                raise Interrupted
+
+        last = history[-1]
+        log(
+            f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, "
+            f"valid acc {last['valid_acc']:.3f}"
+        )
+        log(f"{train_examples / max(train_seconds, 1e-9):.1f} examples/sec on {[device]}")
+        # ddp: rank 0 tests and publishes while the others wait for it
+        meta = ddp.on_main(
+            d, best_model_meta, run, net, data, config, best_acc, device, bf16, normalize, mean, std
+        )
+        if ddp.agree_stop(d):  # a signal during the test evaluation: nothing published
+            raise Interrupted
+        version = ddp.on_main(d, publish_once, open_store(args.models_dir), run, net, meta)
     except Interrupted:
-        done = history[-1]["epoch"] if history else 0
-        print(
-            f"\ninterrupted by signal {STOP.signum}; state saved after epoch {done}. "
-            f"Resume with: python -m trainer --resume {run.run_id}",
-            file=sys.stderr,
+        done = history[-1]["epoch"] if run and history else 0
+        saved = (
+            f"state saved after epoch {done}. Resume with: {resume_command(run.run_id)}"
+            if run
+            else "nothing was written"
         )
+        log(f"\ninterrupted by signal {STOP.signum}; {saved}", file=sys.stderr)
         return 128 + STOP.signum
-
-    last = history[-1]
-    print(
-        f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, "
-        f"valid acc {last['valid_acc']:.3f}"
-    )
-    print(f"{train_examples / max(train_seconds, 1e-9):.1f} examples/sec on {[device]}")
-
-    model.load_state_dict(run.load_best())
-    metrics = {"valid_acc": round(best_acc, 4), "epochs": config["epochs"]}
-    if data.test is not None:
-        _, test_acc, confusion = evaluate(model, data.test, device, bf16, normalize)
-        per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
-        metrics["test_acc"] = round(test_acc, 4)
-        metrics["test_per_class_acc"] = dict(
-            zip(data.class_names, [round(a, 4) for a in per_class], strict=True)
-        )
-        run.plot_confusion(confusion, data.class_names)
-        print(f"test acc {test_acc:.4f} on {len(data.test)} images")
-    meta = {
-        "run_id": run.run_id,
-        "arch": config["arch"],
-        "class_names": data.class_names,
-        "image_size": config["image_size"],
-        "mean": list(mean),
-        "std": list(std),
-        "metrics": metrics,
-        "config": config,
-    }
-    try:
-        version = open_store(args.models_dir).publish(model.state_dict(), meta)
-    except store.StoreError as exc:
-        raise TrainerError(f"{exc}; the run's best weights stay in {run.path}/best.pt") from None
-    run.write_result({"version": version, "metrics": metrics})
-    print(f"published model version {version} to {args.models_dir} (best valid acc {best_acc:.4f})")
+    finally:
+        ddp.close(d)
+    log(f"published model version {version} to {args.models_dir} (best valid acc {best_acc:.4f})")
+    if STOP.signum:  # the signal came while publishing, which is all or nothing: it finished
+        log(f"signal {STOP.signum} arrived while publishing: version {version} is complete")
+        return 128 + STOP.signum
     return 0
 
 
@@ -296,5 +352,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main(parse_args()))
     except TrainerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the same error
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

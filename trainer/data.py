@@ -90,8 +90,12 @@ def _decode_folder(split_dir: Path, class_names: list[str], image_size: int) -> 
             return f"{path}: {exc}"
 
     # PIL releases the GIL while decoding, so threads use every core without pickling costs.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    try:
         decoded = list(pool.map(decode, (p for p, _ in items), chunksize=256))
+    finally:
+        # A Ctrl-C (raised here by the trainer's handler) must not wait for the queued images.
+        pool.shutdown(cancel_futures=True)
     bad = [d for d in decoded if isinstance(d, str)]
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
