@@ -25,7 +25,7 @@ def weed_binary() -> str:
     return str(Path(sys.executable).parent / "weed")
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """`count` distinct TCP ports nothing listens on right now."""
     sockets = [socket.socket() for _ in range(count)]
     try:
@@ -52,7 +52,7 @@ class SeaweedS3:
         }
         self.config.write_text(json.dumps({"identities": [identity]}))
         # master, volume, filer and s3 each take an HTTP and a gRPC port.
-        self.ports = _free_ports(8)
+        self.ports = free_ports(8)
         self.endpoint = f"http://127.0.0.1:{self.ports[6]}"
         self.proc: subprocess.Popen | None = None
 

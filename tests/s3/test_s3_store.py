@@ -17,7 +17,7 @@ from shared.classes import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from shared.model import build_model
 from shared.stores import open_store
 from tests.conftest import REPO, publish_random_model
-from tests.s3.seaweed import ACCESS_KEY, REGION, SECRET_KEY
+from tests.s3.seaweed import ACCESS_KEY, REGION, SECRET_KEY, free_ports
 from tests.shared.test_store import Payload
 
 
@@ -179,9 +179,7 @@ def test_s3_oversized_object_is_refused_by_content_length(s3_url, monkeypatch, c
 
 
 def test_s3_unreachable_store_is_reported_as_such(monkeypatch):
-    from tests.s3.seaweed import _free_ports
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_ports(1)[0]}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")
     for name, value in (
         ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
         ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),

@@ -4,7 +4,7 @@ import pytest
 
 from shared.stores import open_store
 from tests.conftest import assert_one_line_error, run_trainer
-from tests.s3.seaweed import _free_ports
+from tests.s3.seaweed import free_ports
 
 FAST = ["--epochs", "1", "--weights", "none", "--batch-size", "16", "--device", "cpu"]
 
@@ -14,7 +14,7 @@ def test_trainer_publishes_to_s3_and_fails_in_one_line_when_it_is_unreachable(
     s3_url, image_folders, tmp_path
 ):
     args = ["--data-dir", str(image_folders), *FAST, "--models-dir", s3_url]
-    down = f"http://127.0.0.1:{_free_ports(1)[0]}"  # nothing listens there
+    down = f"http://127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
     result = run_trainer(*args, "--runs-dir", str(tmp_path / "a"), env={"AWS_ENDPOINT_URL": down})
     assert_one_line_error(result, "unreachable", "best.pt")
     assert list((tmp_path / "a").glob("*/best.pt"))  # the run's weights are kept
