@@ -1,10 +1,11 @@
 """The served model: background reload from the model store, warm-up, atomic swap, prediction.
 
-A `ModelHolder` polls MODELS_DIR/LATEST. A new version is loaded by shared.store.load_version
+A `ModelHolder` polls MODELS_DIR/LATEST. A new version is loaded by the store's load_version
 (sha256 checked, weights_only=True), warmed up with one forward pass, then published by a
 single reference assignment: requests that already hold the old `ServedModel` finish on it,
 and it is freed when the last of them lets go. A version that fails is never served, and is not
-tried again until LATEST names something else.
+tried again until LATEST names something else. An unreachable store is not a refusal: the
+current model keeps serving, `store_error` says why, and the next poll tries again.
 """
 
 import gc
@@ -23,7 +24,8 @@ from inference.batcher import MicroBatcher
 from shared.device import resolve_device, usable_cpu_count
 from shared.model import for_inference, use_bf16
 from shared.preprocess import load_rgb, normalize_batch, resize_crop
-from shared.store import LoadedModel, StoreError, load_version, read_latest
+from shared.store import LoadedModel, StoreError, StoreUnreachable
+from shared.stores import open_store
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +89,23 @@ class ModelHolder:
     """Keeps the served model in step with MODELS_DIR/LATEST."""
 
     def __init__(
-        self, models_dir: Path, device: str, poll_seconds: float, amp: str = "auto"
+        self,
+        models_dir: str | Path,
+        device: str,
+        poll_seconds: float,
+        amp: str = "auto",
+        cache_dir: str | Path | None = None,
     ) -> None:
-        self.models_dir = Path(models_dir)
+        self.store = open_store(models_dir, cache_dir=cache_dir)
+        self.models_dir = self.store.location
         self.device_name = device
         self.amp = amp
         self.poll_seconds = poll_seconds
         self.current: ServedModel | None = None  # replaced, never mutated: reads need no lock
         self.latest: str | None = None  # what LATEST said at the last poll
         self.last_error: dict[str, Any] | None = None
+        # Why the last poll could not reach the store (None: it answered), since when.
+        self.store_error: dict[str, Any] | None = None
         self._attempted: str | None = None  # the LATEST value last loaded or refused
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
@@ -135,16 +145,27 @@ class ModelHolder:
         self.last_error = {"version": version, "message": message, "at": now_iso()}
         metrics.MODEL_RELOADS.labels("refused").inc()
 
+    def _unreachable(self, exc: StoreUnreachable) -> None:
+        if self.store_error is None:
+            log.warning("model store unreachable: %s; still serving what is loaded", exc)
+            self.store_error = {"message": str(exc), "since": now_iso()}
+        else:
+            self.store_error["message"] = str(exc)
+
     def poll_once(self) -> bool:
         """Read LATEST and, if it names a version not yet tried, load and swap; True if swapped."""
         with self._poll_lock:
             try:
-                latest = read_latest(self.models_dir)
+                latest = self.store.read_latest()
+            except StoreUnreachable as exc:
+                self._unreachable(exc)
+                return False
             except StoreError as exc:
                 if self._attempted != f"!{exc}":
                     self._attempted = f"!{exc}"
                     self._refuse(None, str(exc))
                 return False
+            self.store_error = None
             self.latest = latest
             if latest is None or latest == self._attempted:
                 return False
@@ -154,9 +175,13 @@ class ModelHolder:
                 return False
             try:
                 device = resolve_device(self.device_name)
-                loaded = load_version(self.models_dir, latest, device)
+                loaded = self.store.load_version(latest, device)
                 served = ServedModel(loaded, bf16=use_bf16(self.amp, device))
                 served.warm_up()
+            except StoreUnreachable as exc:
+                self._attempted = None  # not the version's fault: try it again next poll
+                self._unreachable(exc)
+                return False
             except StoreError as exc:
                 self._refuse(latest, str(exc))
                 return False
@@ -186,7 +211,11 @@ class Predictor:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.holder = ModelHolder(
-            config["MODELS_DIR"], config["DEVICE"], config["MODEL_POLL_SECONDS"], config["AMP"]
+            config["MODELS_DIR"],
+            config["DEVICE"],
+            config["MODEL_POLL_SECONDS"],
+            config["AMP"],
+            config["MODEL_CACHE_DIR"],
         )
         self.batcher = MicroBatcher(
             run_batch=lambda served, images: served.probabilities(images),

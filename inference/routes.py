@@ -244,7 +244,9 @@ def model_info() -> ResponseReturnValue:
             "device": str(served.loaded.device) if served else None,
             "precision": served.precision if served else None,
             "latest": holder.latest,
-            "models_dir": str(holder.models_dir),
+            "models_dir": holder.models_dir,
+            "store_reachable": holder.store_error is None,
+            "store_error": holder.store_error,
             "last_error": holder.last_error,
             "model": served.loaded.meta if served else None,
         }
