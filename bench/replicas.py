@@ -10,7 +10,6 @@ other, each timed from the LATEST change until every replica's GET /model names 
 
 import argparse
 import contextlib
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from bench import servers
 from bench.balancer import haproxy
 from bench.common import WORK_DIR, header, print_table, write_result
 from bench.load import int_list, load_images, run_http
+from shared.device import usable_cpu_count
 from shared.store import set_latest
 
 COLUMNS = [
@@ -67,7 +67,7 @@ def run_count(count: int, images, args: argparse.Namespace, work: Path) -> dict:
     """One row: `count` replicas behind HAProxy, measured."""
     models_dir = work / f"models-{count}"
     servers.publish_model(models_dir, seed=0)
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cpu_count()
     threads = args.torch_threads or max(1, cores // count)
     env = {"MODEL_POLL_SECONDS": str(args.poll_seconds), "TORCH_THREADS": str(threads)}
     env |= {"ACCESS_LOG": ""}

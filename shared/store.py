@@ -373,10 +373,15 @@ def prune(models_dir: Path, keep: int, dry_run: bool = False) -> list[str]:
             # Re-read LATEST right before each removal: a promote may have moved it meanwhile.
             if not dry_run and read_latest(models_dir) != version:
                 # Out of sight first (atomic): a prune killed mid-way leaves a temporary
-                # folder for the next clean-up, never half a version.
-                hidden = models_dir / f"{TMP_PREFIX}{version}"
-                os.rename(models_dir / version, hidden)
-                shutil.rmtree(hidden)
+                # folder for the next clean-up, never half a version. Locked, so that a
+                # publisher's clean-up does not remove it at the same time.
+                lock = _lock_folder(models_dir / version, block=True)
+                try:
+                    hidden = models_dir / f"{TMP_PREFIX}{version}"
+                    os.rename(models_dir / version, hidden)
+                    shutil.rmtree(hidden)
+                finally:
+                    os.close(lock)
             if dry_run or not (models_dir / version).exists():
                 removed.append(version)
         removed += remove_stale_temp_folders(models_dir, dry_run=dry_run)
