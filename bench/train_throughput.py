@@ -99,7 +99,9 @@ def measure_trainer(data, config, device, bf16, steps, warmup) -> dict:
     def run(split):
         bar = tqdm(total=len(split), leave=False, mininterval=2.0, file=sys.stderr, disable=None)
         with bar:
-            return train_one_epoch(model, opt, sched, split, config, device, bf16, normalize, bar)
+            return train_one_epoch(
+                model, opt, sched, split, config, device, bf16, True, normalize, bar
+            )
 
     run(warm)
     evaluate(model, valid, device, bf16, normalize)
@@ -206,6 +208,7 @@ def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     # The trainer's own parser: every hyperparameter not given here is the default recipe's.
     flags = ["--data-dir", str(data_dir), "--weights", "none", "--amp", args.amp]
+    flags += ["--device", device.type]  # the device's recipe (trainer/recipe.py)
     for flag, value in (
         ("--arch", args.arch),
         ("--batch-size", args.batch_size),
