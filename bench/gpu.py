@@ -45,10 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def setup(args) -> None:
     """Install Flask/Gunicorn from .whl/ if missing; extract the data if missing."""
     if importlib.util.find_spec("flask") is None or importlib.util.find_spec("gunicorn") is None:
-        if not WHEELS.is_dir():
-            sys.exit("error: flask/gunicorn missing and no .whl/ folder (see docs/benchmarks.md)")
-        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index"]
-        subprocess.run([*pip, "--find-links", str(WHEELS), "flask", "gunicorn"], check=True)
+        wheels = sorted(str(w) for w in WHEELS.glob("*.whl"))
+        if not wheels:
+            sys.exit("error: flask/gunicorn missing and no wheels in .whl/ (docs/benchmarks.md)")
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps"]
+        subprocess.run([*pip, *wheels], check=True)
     data = Path(args.data_dir)
     if not (data / "train").is_dir():
         if not TARBALL.is_file():

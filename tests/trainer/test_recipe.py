@@ -182,7 +182,8 @@ def test_time_budget_sets_the_epochs_and_the_run_ends_within_it(tmp_path):
     start = time.time()
     result = run_trainer(
         *("--data-dir", str(data), "--weights", "none", "--device", "cpu", "--batch-size", "8"),
-        *("--image-size", "16", "--time-budget", str(budget), "--cache-dir", "none"),
+        *("--image-size", "16", "--time-budget", str(budget)),
+        *("--cache-dir", str(tmp_path / "cache")),
         *dirs(tmp_path),
     )
     wall = time.time() - start
@@ -197,6 +198,7 @@ def test_time_budget_sets_the_epochs_and_the_run_ends_within_it(tmp_path):
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + config["epochs"]
     assert wall < budget * 1.25, (wall, result.stdout)  # noise from other work on the machine
+    assert len(list((tmp_path / "cache").glob("train-*-16px.u8"))) == 1
 
 
 @pytest.mark.slow
