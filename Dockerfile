@@ -56,8 +56,11 @@ COPY scripts/container-entrypoint.sh /usr/local/bin/container-entrypoint
 WORKDIR /app
 USER 1000:1000
 
-# `docker compose run --rm trainer [ARGS...]`: ARGS go to `python -m trainer`.
+# `docker compose run --rm trainer [ARGS...]`: ARGS go to `python -m trainer` (to torchrun
+# with TRAINER_NPROC=N: N processes, see the entrypoint).
 FROM runtime AS trainer
+# How the user runs the trainer here, for the resume hint after an interrupt.
+ENV TRAINER_COMMAND="docker compose run --rm trainer"
 COPY shared/ /app/shared/
 COPY trainer/ /app/trainer/
 ENTRYPOINT ["container-entrypoint", "python", "-m", "trainer"]

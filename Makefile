@@ -28,10 +28,13 @@ format: install
 e2e:
 	bash scripts/e2e.sh
 
-# The 50,000 CIFAR-10 training JPEGs in class folders, for real runs and the benchmarks.
+# The 50,000 CIFAR-10 training JPEGs in class folders, for real runs and the benchmarks. The
+# tarball is not part of this repository: it exists on the development machines only (the
+# trainer's default, torchvision's CIFAR-10 download, works everywhere).
 DATA_TAR ?= ../shared/data/cifar10-train-jpg.tar.gz
 data: volumes/data/cifar10/train
 volumes/data/cifar10/train:
+	@test -f $(DATA_TAR) || { echo "error: $(DATA_TAR) not found (it exists on the development machines only; README.md, Results, says what to use elsewhere)"; exit 2; }
 	tar -xzf $(DATA_TAR) -C volumes/data
 
 # Every figure of docs/benchmarks.md, in that order (about 25 minutes on 2 cores): run it on

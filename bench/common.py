@@ -13,7 +13,7 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Benchmark state that must not be committed (run folders, model stores, server logs).
 WORK_DIR = Path("volumes/bench")
-DEFAULT_DATA_DIR = Path(os.environ.get("TRAIN_DATA_DIR") or "volumes/data/cifar10")
+DEFAULT_DATA_DIR = Path(os.environ.get("DATA_DIR") or "volumes/data/cifar10")
 
 
 def cpu_model() -> str:
@@ -121,7 +121,18 @@ def add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir",
         default=str(DEFAULT_DATA_DIR),
-        help="class folders DIR/train/<class>/*.jpg (default %(default)s; env TRAIN_DATA_DIR)",
+        help="class folders DIR/train/<class>/*.jpg (default %(default)s; env DATA_DIR)",
+    )
+
+
+def missing_data(data_dir: Path) -> str | None:
+    """None when data_dir has class folders under train/, else the one-line error saying why."""
+    if (data_dir / "train").is_dir():
+        return None
+    return (
+        f"error: no {data_dir}/train/<class>/ folders. On the development machines `make data` "
+        "extracts them from ../shared/data/cifar10-train-jpg.tar.gz; elsewhere put CIFAR-10 "
+        "(or any images) there as train/<class>/*.jpg, or give --data-dir"
     )
 
 
@@ -156,9 +167,11 @@ def machine() -> dict:
     """CPU model, cores usable by this process, RAM, torch version and GPU (if any)."""
     import torch
 
+    from shared.device import usable_cpu_count
+
     info = {
         "cpu": cpu_model(),
-        "cores": len(os.sched_getaffinity(0)),
+        "cores": usable_cpu_count(),
         "ram_gib": ram_gib(),
         "python": platform.python_version(),
         "torch": torch.__version__,

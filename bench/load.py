@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from bench.common import (  # noqa: E402
     wait_for_quiet,
     write_result,
 )
+from bench.traffic import Load, predict_kind, records  # noqa: E402
 from inference.predictor import ServedModel  # noqa: E402
 from shared.model import use_bf16  # noqa: E402
 from shared.store import load_version, read_latest  # noqa: E402
@@ -143,50 +143,17 @@ def summarize(records: list[tuple], per_request: int, window: tuple[float, float
 
 def run_http(url, images, concurrency, per_request, duration, warmup, timeout) -> dict:
     """Closed loop: `concurrency` threads post `per_request` images each, back to back."""
-    t0 = time.perf_counter()
-    window = (t0 + warmup, t0 + warmup + duration)
-    records: list[tuple] = []  # (sent, received, ok, status or exception, model_version)
-    lock = threading.Lock()
-
-    def client(k: int) -> None:
-        session = requests.Session()
-        i = k * 997  # clients start at different images
-        mine = []
-        while time.perf_counter() < window[1]:
-            batch = [images[(i + j) % len(images)] for j in range(per_request)]
-            i += per_request
-            files = [("file", (name, data, "image/jpeg")) for name, data in batch]
-            sent = time.perf_counter()
-            version = None
-            try:
-                response = session.post(url + "/predict", files=files, timeout=timeout)
-                status = response.status_code
-                body = response.json()
-                predictions = body.get("predictions", [])
-                ok = (
-                    status == 200
-                    and len(predictions) == per_request
-                    and all("category" in p for p in predictions)
-                )
-                version = body.get("model_version")
-            except (requests.RequestException, ValueError) as exc:
-                ok, status = False, type(exc).__name__
-            mine.append((sent, time.perf_counter(), ok, status, version))
-        session.close()
-        with lock:
-            records.extend(mine)
-
     cpu0 = time.process_time()
     gauge = OtherLoad().start()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    t0 = time.monotonic()
+    window = (t0 + warmup, t0 + warmup + duration)
+    load = Load(url, [predict_kind(images, per_request, timeout)], concurrency).start()
+    time.sleep(warmup + duration)
+    outcomes = load.stop()  # each client finishes the request it has in flight
     # The load generator shares the machine with the server: report what it used.
-    client_cpu = (time.process_time() - cpu0) / (time.perf_counter() - t0)
+    client_cpu = (time.process_time() - cpu0) / (time.monotonic() - t0)
     others = gauge.stop()
-    result = summarize(records, per_request, window)
+    result = summarize(records(outcomes), per_request, window)
     result["client_cpu_cores"] = round(client_cpu, 2)
     result["others_cores"] = others
     return result
@@ -197,18 +164,18 @@ def run_inprocess(models_dir, images, per_request, duration, warmup, amp) -> dic
     loaded = load_version(models_dir, read_latest(models_dir))
     served = ServedModel(loaded, bf16=use_bf16(amp, loaded.device))
     gauge = OtherLoad().start()
-    t0 = time.perf_counter()
+    t0 = time.monotonic()
     window = (t0 + warmup, t0 + warmup + duration)
-    records = []
+    done = []
     i = 0
-    while time.perf_counter() < window[1]:
+    while time.monotonic() < window[1]:
         batch = [images[(i + j) % len(images)] for j in range(per_request)]
         i += per_request
-        sent = time.perf_counter()
+        sent = time.monotonic()
         probs = served.probabilities(torch.stack([served.prepare(data) for _, data in batch]))
         ok = probs.shape == (per_request, loaded.meta["num_classes"])
-        records.append((sent, time.perf_counter(), ok, "wrong shape", loaded.version))
-    result = summarize(records, per_request, window)
+        done.append((sent, time.monotonic(), ok, "wrong shape", loaded.version))
+    result = summarize(done, per_request, window)
     result["others_cores"] = gauge.stop()
     return result
 
@@ -318,16 +285,12 @@ def main(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         # Both servers are up for the whole run; the one not being measured sits idle.
         if args.start_server:
-            url = stack.enter_context(
-                servers.gunicorn(models_dir, logs / "gunicorn.log", args.server_env)
-            )
+            url = stack.enter_context(servers.gunicorn(models_dir, logs, args.server_env)).url
         else:
             url = args.url.rstrip("/")
         targets = {"service": url}
         if args.baseline:
-            targets["original"] = stack.enter_context(
-                servers.original(models_dir, logs / "original.log")
-            )
+            targets["original"] = stack.enter_context(servers.original(models_dir, logs)).url
         version = served_version(url)
         if models_dir and version and version != read_latest(models_dir):
             print(f"warning: the server serves {version}, {models_dir}/LATEST names another")

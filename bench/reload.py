@@ -1,6 +1,6 @@
 """Hot reload under load: seconds from LATEST changing to the first answer from the new version.
 
-    python -m bench.reload [--repeats 5]
+    python -m bench.reload [--repeats 8]
     python -m bench.reload --url http://localhost:3000 --models-dir /path/the/server/reads
 
 Client threads post images back to back (the original client's multipart upload) while this
@@ -18,19 +18,16 @@ import random
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import requests
 import torch
 
 from bench import servers
 from bench.common import WORK_DIR, OtherLoad, header, print_table, write_result
 from bench.load import load_images
+from bench.traffic import Load, predict_kind, records
 from shared import store
-from shared.classes import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
-from shared.model import build_model
 
 # model.json keys that publish() writes itself.
 OWN_KEYS = ("format_version", "version", "created_at", "num_classes", "sha256")
@@ -97,19 +94,13 @@ def ensure_model(models_dir: Path) -> None:
     """Publish a random-init ResNet-18 when the store has no LATEST yet."""
     if store.read_latest(models_dir):
         return
-    torch.manual_seed(0)
-    meta = {
-        "run_id": "bench-reload",
-        "arch": "resnet18",
-        "class_names": list(CIFAR10_CLASSES),
-        "image_size": 32,
-        "mean": list(CIFAR10_MEAN),
-        "std": list(CIFAR10_STD),
-        "metrics": {"valid_acc": 0.0},
-        "config": {"note": "random init, published by bench.reload"},
-    }
     print(f"{models_dir} has no model: publishing a random-init resnet18")
-    store.publish(models_dir, build_model("resnet18", 10).state_dict(), meta)
+    servers.publish_model(
+        models_dir,
+        run_id="bench-reload",
+        metrics={"valid_acc": 0.0},
+        config={"note": "random init, published by bench.reload"},
+    )
 
 
 def republish(models_dir: Path) -> str:
@@ -126,52 +117,10 @@ def republish(models_dir: Path) -> str:
     return store.publish(models_dir, state_dict, meta, make_latest=False)
 
 
-class Load:
-    """Client threads posting back to back and recording every response."""
-
-    def __init__(self, url: str, images, concurrency: int, per_request: int) -> None:
-        self.url, self.images, self.per_request = url, images, per_request
-        self.records: list[tuple] = []  # (sent, received, ok, status, model_version)
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.threads = [
-            threading.Thread(target=self._client, args=(k,)) for k in range(concurrency)
-        ]
-
-    def _client(self, k: int) -> None:
-        session = requests.Session()
-        i = k * 101
-        while not self.stop.is_set():
-            batch = [self.images[(i + j) % len(self.images)] for j in range(self.per_request)]
-            i += self.per_request
-            files = [("file", (name, data, "image/jpeg")) for name, data in batch]
-            sent = time.perf_counter()
-            version = None
-            try:
-                response = session.post(self.url + "/predict", files=files, timeout=60)
-                status = response.status_code
-                version = response.json().get("model_version")
-                ok = status == 200
-            except (requests.RequestException, ValueError) as exc:
-                ok, status = False, type(exc).__name__
-            with self.lock:
-                self.records.append((sent, time.perf_counter(), ok, status, version))
-        session.close()
-
-    def since(self, t: float) -> list[tuple]:
-        """Records of responses received after `t`."""
-        with self.lock:
-            return [r for r in self.records if r[1] >= t]
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
+def since(load: Load, t: float) -> list[tuple]:
+    """Records (sent, received, ok, status, version) of the responses received after `t`."""
+    # A copy: the client threads keep appending (list() of a list is atomic under the GIL).
+    return [r for r in records(list(load.outcomes)) if r[1] >= t]
 
 
 def swap(load: Load, models_dir: Path, settle: float, jitter: float, max_wait: float) -> dict:
@@ -182,18 +131,18 @@ def swap(load: Load, models_dir: Path, settle: float, jitter: float, max_wait: f
     # different point of the server's poll cycle each time: with a fixed cycle every swap
     # would land at the same phase (seen: five swaps in a row just after a poll).
     time.sleep(settle + random.uniform(0, jitter))
-    changed = time.perf_counter()  # an upper bound: LATEST changes inside set_latest
+    changed = time.monotonic()  # an upper bound: LATEST changes inside set_latest
     store.set_latest(models_dir, new)
-    set_seconds = time.perf_counter() - changed
+    set_seconds = time.monotonic() - changed
     first_new = None
-    while time.perf_counter() - changed < max_wait:
-        news = [r for r in load.since(changed) if r[4] == new]
+    while time.monotonic() - changed < max_wait:
+        news = [r for r in since(load, changed) if r[4] == new]
         if news:
             first_new = min(r[1] for r in news)
             break
         time.sleep(0.01)
     time.sleep(settle)  # keep the load on: requests after the swap must not fail either
-    after = load.since(changed)
+    after = since(load, changed)
     # Requests sent after the change but answered by the old model (several workers swap
     # independently): the last of them marks when the whole server had switched.
     stale = [r[1] for r in after if r[0] >= changed and r[4] == old]
@@ -226,7 +175,9 @@ def main(args: argparse.Namespace) -> int:
     def measure(url: str) -> tuple[list[dict], int, list[tuple]]:
         swaps = []
         gauge = OtherLoad().start()
-        with Load(url, images, args.concurrency, args.images_per_request) as load:
+        load = Load(url, [predict_kind(images, args.images_per_request)], args.concurrency)
+        load.start()
+        try:
             time.sleep(args.settle)
             for n in range(args.repeats):
                 row = swap(load, models_dir, args.settle, args.jitter, args.max_wait)
@@ -236,17 +187,18 @@ def main(args: argparse.Namespace) -> int:
                     f"changed, {row['failed_after_change']} failed",
                     flush=True,
                 )
+        finally:
+            done = records(load.stop())
         result["others_cores"] = gauge.stop()
-        failed = [r for r in load.records if not r[2]]
-        return swaps, len(load.records), failed
+        failed = [r for r in done if not r[2]]
+        return swaps, len(done), failed
 
     try:
         if args.url:
             swaps, total, failed = measure(args.url.rstrip("/"))
         else:
-            log = WORK_DIR / "logs" / "reload-gunicorn.log"
-            with servers.gunicorn(models_dir, log, server_env) as url:
-                swaps, total, failed = measure(url)
+            with servers.gunicorn(models_dir, WORK_DIR / "logs", server_env) as server:
+                swaps, total, failed = measure(server.url)
     finally:
         if throwaway:
             shutil.rmtree(throwaway, ignore_errors=True)

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import WORK_DIR, add_data_dir, header, print_table, write_result
+from bench.common import WORK_DIR, add_data_dir, header, missing_data, print_table, write_result
+from shared.device import check_device_name
 
 EPOCH_LINE = re.compile(r"^epoch\s+(\d+)/(\d+)\s")
 PUBLISHED_LINE = re.compile(r"^published model version (\S+)")
@@ -41,7 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="trainer --epochs; 0: none given, the device's recipe and its time budget decide "
         "(default %(default)s)",
     )
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default %(default)s")
+    a(
+        "--device",
+        type=check_device_name,
+        default="auto",
+        help="auto, cpu, cuda, cuda:N (default %(default)s)",
+    )
     a("--seed", type=int, default=0, help="trainer --seed (default %(default)s)")
     a(
         "--work-dir",
@@ -73,8 +79,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 def main(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
-    if not (data_dir / "train").is_dir():
-        print(f"error: no {data_dir}/train/<class>/ folders (see bench/README)", file=sys.stderr)
+    if message := missing_data(data_dir):
+        print(message, file=sys.stderr)
         return 2
     work = Path(args.work_dir)
     runs_dir, models_dir = work / "runs", work / "models"

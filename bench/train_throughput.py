@@ -1,6 +1,6 @@
 """Training examples/sec, three ways in one run: the trainer, the bare limit, the original style.
 
-    python -m bench.train_throughput [--data-dir volumes/data/cifar10] [--steps 20]
+    python -m bench.train_throughput [--data-dir volumes/data/cifar10] [--steps 40]
 
 (a) trainer: the trainer's own `load_data`, `train_one_epoch` (augmentation on the device,
     bf16 autocast where the trainer enables it, channels_last) and `evaluate` on a validation
@@ -14,7 +14,6 @@ that a burst of load from elsewhere hits all three; the table shows medians.
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -30,16 +29,18 @@ from bench.common import (
     add_data_dir,
     add_noise_options,
     header,
+    missing_data,
     print_table,
     wait_for_quiet,
     write_result,
 )
 from shared.classes import CIFAR10_MEAN, CIFAR10_STD
+from shared.device import check_device_name, resolve_device, usable_cpu_count
 from shared.model import ARCHS, build_model, use_bf16
 from shared.preprocess import normalize_batch
 from trainer.__main__ import load_data
 from trainer.__main__ import parse_args as trainer_args
-from trainer.loop import evaluate, make_optimizer, resolve_device, train_one_epoch
+from trainer.loop import evaluate, make_optimizer, shard_batches, train_one_epoch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--arch", choices=ARCHS, help="network (default: the trainer's default recipe)")
     a("--batch-size", type=int, help="images per step (default: the trainer's)")
     a("--image-size", type=int, help="side in pixels (default: the trainer's)")
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default %(default)s")
+    a(
+        "--device",
+        type=check_device_name,
+        default="auto",
+        help="auto, cpu, cuda, cuda:N (default %(default)s)",
+    )
     a(
         "--amp",
         choices=["auto", "bf16", "off"],
@@ -67,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a(
         "--workers",
         type=int,
-        default=len(os.sched_getaffinity(0)),
+        default=usable_cpu_count(),
         help="(c) DataLoader workers (default: cores, %(default)s)",
     )
     add_noise_options(p, "sample", retries=2)
@@ -99,8 +105,9 @@ def measure_trainer(data, config, device, bf16, steps, warmup) -> dict:
     def run(split):
         bar = tqdm(total=len(split), leave=False, mininterval=2.0, file=sys.stderr, disable=None)
         with bar:
+            batches = shard_batches(torch.randperm(len(split)), bs)
             return train_one_epoch(
-                model, opt, sched, split, config, device, bf16, True, normalize, bar
+                model, opt, sched, split, batches, config, device, bf16, normalize, bar
             )
 
     run(warm)
@@ -197,13 +204,8 @@ def measure_original(dataset, config, device, workers, steps, warmup) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
-    if not (data_dir / "train").is_dir():
-        print(
-            f"error: no {data_dir}/train/<class>/ folders; extract the data first: "
-            f"mkdir -p {data_dir.parent} && tar -xzf ../shared/data/cifar10-train-jpg.tar.gz "
-            f"-C {data_dir.parent}",
-            file=sys.stderr,
-        )
+    if message := missing_data(data_dir):
+        print(message, file=sys.stderr)
         return 2
     device = resolve_device(args.device)
     # The trainer's own parser: every hyperparameter not given here is the default recipe's.

@@ -1,12 +1,17 @@
-"""Settings of the inference app: defaults, then environment variables, then test overrides.
+"""Every setting of the inference service: defaults, then environment variables, then overrides.
 
-Gunicorn's own settings (PORT, WORKERS, THREADS, timeouts) are read in gunicorn.conf.py.
+One table for the app and for Gunicorn: gunicorn.conf.py reads PORT, WORKERS, THREADS and the
+timeouts through `load_config` too. It does so in the Gunicorn master, so this module imports
+neither torch nor the app (shared.device checks DEVICE names without torch).
 """
 
+import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from shared.device import DEVICE_NAMES, check_device_name
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -44,17 +49,29 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
-def _device(text: str) -> str:
-    if text != "auto" and text != "cpu" and not text.startswith("cuda"):
-        raise ValueError("must be auto, cpu, cuda or cuda:N")
-    return text
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError("must be a TCP port, 1 to 65535")
+    return value
+
+
+def _address(text: str) -> str:
+    if text == "localhost":
+        return text
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(
+            "must be an IP address (0.0.0.0, 127.0.0.1, ::, ::1) or localhost"
+        ) from None
 
 
 # name: (default, parser, meaning). Every entry is also read from the environment variable of
 # the same name; README.md (Inference service, Settings) documents the same table.
 SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
     "MODELS_DIR": ("./volumes/models", str, "model store folder to serve from"),
-    "DEVICE": ("auto", _device, "auto (cuda when available), cpu, cuda or cuda:N"),
+    "DEVICE": ("auto", check_device_name, f"{DEVICE_NAMES}; auto: cuda when available"),
     "AMP": (
         "auto",
         _choice("auto", "bf16", "off"),
@@ -107,9 +124,23 @@ SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "longest time, s, to receive a whole request body (408 beyond)",
     ),
     "TORCH_THREADS": (0, _non_negative(int), "torch intra-op threads (0: CPU cores / WORKERS)"),
-    "WORKERS": (1, _positive(int), "Gunicorn worker processes (also sizes TORCH_THREADS)"),
     "LOG_LEVEL": ("info", _log_level, "debug, info, warning or error"),
+    # Read by gunicorn.conf.py, in the master.
+    "PORT": (3000, _port, "TCP port the server listens on"),
+    "BIND_ADDRESS": (
+        "0.0.0.0",
+        _address,
+        "address the server listens on: 0.0.0.0 every interface, 127.0.0.1 this machine only",
+    ),
+    "WORKERS": (1, _positive(int), "Gunicorn worker processes (also sizes TORCH_THREADS)"),
+    "THREADS": (16, _positive(int), "request threads per worker"),
+    "TIMEOUT": (60, _positive(int), "seconds without a heartbeat before a worker is restarted"),
+    "GRACEFUL_TIMEOUT": (30, _positive(int), "seconds in-flight requests get after SIGTERM"),
+    "KEEPALIVE": (5, _non_negative(int), "seconds an idle client connection stays open"),
+    "ACCESS_LOG": ("-", str, "access log destination: - for stdout, empty for none"),
 }
+# Settings whose empty value means something (no access log) rather than "the default".
+EMPTY_ALLOWED = {"ACCESS_LOG"}
 
 
 def load_config(
@@ -124,11 +155,13 @@ def load_config(
     for name, (default, parse, meaning) in SETTINGS.items():
         config[name] = default
         text = environ.get(name, "").strip()
-        if text:
+        if text or (name in EMPTY_ALLOWED and name in environ):
             try:
                 config[name] = parse(text)
             except ValueError as exc:
-                raise ValueError(f"{name}={text!r}: {exc} ({meaning})") from None
+                # int("x") and float("x") say "invalid literal ...": say it in a user's words.
+                reason = "not a number" if "literal" in str(exc) or "convert" in str(exc) else exc
+                raise ValueError(f"{name}={text!r}: {reason} ({meaning})") from None
     config.update(overrides or {})
     if config["QUEUE_MAX_IMAGES"] < config["MAX_FILES"]:
         raise ValueError("QUEUE_MAX_IMAGES must be at least MAX_FILES (one full request)")

@@ -14,41 +14,49 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
 
 import gunicorn.util
 
-
-def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name, "").strip()
-    return int(text) if text else default
+# Imports neither torch nor the app (the package imports inference/app.py only on first use).
+from inference.config import load_config
 
 
-PORT = _env_int("PORT", 3000)
-WORKERS = _env_int("WORKERS", 1)
+def _load_settings() -> dict:
+    """Every setting through inference/config.py's table; a bad value stops the master here."""
+    try:
+        return load_config()
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
 
-wsgi_app = "inference:create_app()"
-bind = [f"0.0.0.0:{PORT}"]
+
+SETTINGS = _load_settings()
+WORKERS = SETTINGS["WORKERS"]
+_host = SETTINGS["BIND_ADDRESS"]
+
+wsgi_app = "inference.app:create_served_app()"
+bind = [f"[{_host}]:{SETTINGS['PORT']}" if ":" in _host else f"{_host}:{SETTINGS['PORT']}"]
 workers = WORKERS
 worker_class = "gthread"
 # Concurrent requests per worker: they decode in parallel (PIL releases the GIL) and then
 # wait for the shared batcher, so threads are cheap; match the clients you expect.
-threads = _env_int("THREADS", 16)
+threads = SETTINGS["THREADS"]
 preload_app = False  # the app and model must be created in the worker, not the master
 # Seconds without a heartbeat before the master kills a worker (the gthread main loop beats
 # independently of requests, so a long batch does not trip it).
-timeout = _env_int("TIMEOUT", 60)
+timeout = SETTINGS["TIMEOUT"]
 # Seconds a SIGTERM'd worker gets to finish in-flight requests before it is killed.
-graceful_timeout = _env_int("GRACEFUL_TIMEOUT", 30)
-keepalive = _env_int("KEEPALIVE", 5)  # seconds an idle client connection stays open
-accesslog = os.environ.get("ACCESS_LOG", "-") or None  # "-": stdout; empty: off
+graceful_timeout = SETTINGS["GRACEFUL_TIMEOUT"]
+keepalive = SETTINGS["KEEPALIVE"]  # seconds an idle client connection stays open
+accesslog = SETTINGS["ACCESS_LOG"] or None  # "-": stdout; empty: off
 errorlog = "-"
 # No gunicornc control socket: nothing uses it, and in $HOME it collides between instances
 # (tests run several) and fails on read-only or non-root homes.
 control_socket_disable = True
-loglevel = os.environ.get("LOG_LEVEL", "info")
+loglevel = SETTINGS["LOG_LEVEL"]
 
 # OpenMP threads that spin while they wait steal the cores a batch needs as soon as anything
 # else runs on the machine: on a busy 2-core box a 5 ms forward pass took 500 ms with 2 torch

@@ -20,6 +20,7 @@ import torch
 
 from inference import metrics
 from inference.batcher import MicroBatcher
+from shared.device import resolve_device, usable_cpu_count
 from shared.model import for_inference
 from shared.precision import Choice, measure_serving, memory_format
 from shared.preprocess import load_rgb, normalize_batch, resize_crop
@@ -31,13 +32,6 @@ log = logging.getLogger(__name__)
 def now_iso() -> str:
     """The current UTC time, ISO 8601 to the second."""
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def resolve_device(name: str) -> torch.device:
-    """Turn DEVICE (auto/cpu/cuda[:N]) into a torch device; auto picks CUDA when present."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 @dataclass
@@ -261,7 +255,7 @@ class Predictor:
             if self._pid == os.getpid():
                 return
             threads = self.config["TORCH_THREADS"] or max(
-                1, len(os.sched_getaffinity(0)) // self.config["WORKERS"]
+                1, usable_cpu_count() // self.config["WORKERS"]
             )
             torch.set_num_threads(threads)
             log.info(

@@ -21,6 +21,9 @@ bp = Blueprint("inference", __name__)
 
 FIELD = "file"
 MAX_FILENAME_CHARS = 255
+# The version that answered a /predict, on every response a model took part in (successes,
+# per-file errors, 422): behind a load balancer, each response says which version it got.
+VERSION_HEADER = "X-Model-Version"
 
 
 def predictor() -> Predictor:
@@ -165,6 +168,7 @@ def predict() -> ResponseReturnValue:
     served = predictor().current
     if served is None:
         raise no_model_error()
+    g.served_version = served.version
     top_k = parse_top_k(len(served.class_names))
     names = [safe_filename(upload.filename) for upload in uploads]
     with predictor().batcher.ticket() as ticket:
@@ -200,6 +204,15 @@ def predict() -> ResponseReturnValue:
         for i in range(len(names))
     ]
     return jsonify({"predictions": entries, "model_version": served.version})
+
+
+@bp.after_request
+def add_version_header(response: Response) -> Response:
+    """Name the served version in a header when a model took part in the answer."""
+    version = g.get("served_version")
+    if version is not None:
+        response.headers[VERSION_HEADER] = version
+    return response
 
 
 @bp.get("/health/live")

@@ -7,8 +7,13 @@
 #               (static binaries needing only libc6), fetched with apt pointed at a temporary
 #               trixie source list, so trixie never becomes a source of the system;
 #   3. daemon:  dockerd started in the background (log in $DOCKERD_LOG), unless already answering;
-#   4. base:    a python3 image made by debootstrap + `docker import`, for hosts that can pull
-#               no image (not even python:3.11-slim); reused when the tag exists.
+#   4. base:    where Docker had to be provisioned (CI: no registry reachable either), or where
+#               python:3.11-slim can't be pulled: a python3 image made by debootstrap +
+#               `docker import` (root needed); reused when the tag exists. Where Docker already
+#               works and python:3.11-slim is there or can be pulled, nothing: the build uses it.
+#
+# On an ordinary machine (Docker installed, your user allowed to use it, a registry reachable)
+# this installs nothing and needs no root.
 #
 # Usage: scripts/ci-docker.sh            provision (root needed for the steps that install)
 #        scripts/ci-docker.sh --which    print the docker client that has Compose v2, exit 1 if none
@@ -18,6 +23,8 @@
 set -euo pipefail
 
 BASE_TAG=${BASE_TAG:-local/python3-bookworm:base}
+DEFAULT_BASE=python:3.11-slim  # the Dockerfile's default BASE_IMAGE
+PULL_TIMEOUT_SECONDS=300
 DOCKERD_LOG=${DOCKERD_LOG:-/var/log/dockerd.log}
 DOCKERD_PIDFILE=/var/run/docker.pid
 DAEMON_WAIT_SECONDS=60
@@ -181,6 +188,18 @@ build_base_image() {
     log "base: $BASE_TAG exists, reused"
     return
   fi
+  # A host whose Docker was already there can usually pull: use the normal base image.
+  if [[ $provisioned == 0 ]]; then
+    if "$docker" image inspect "$DEFAULT_BASE" >/dev/null 2>&1 ||
+      timeout "$PULL_TIMEOUT_SECONDS" "$docker" pull -q "$DEFAULT_BASE" >/dev/null 2>&1; then
+      log "base: $DEFAULT_BASE (no local base image needed)"
+      return
+    fi
+    [[ $(id -u) == 0 ]] || die "base: cannot pull $DEFAULT_BASE, and building a local base" \
+      "image needs root (debootstrap): check the registry or proxy (docs/containers.md)," \
+      "or set BASE_IMAGE to a python3 (>= 3.11, with venv) image you have"
+    log "base: cannot pull $DEFAULT_BASE: building $BASE_TAG instead"
+  fi
   need_root "debootstrap"
   command -v debootstrap >/dev/null 2>&1 || apt_install debootstrap
   local root mirror_uri
@@ -205,9 +224,11 @@ build_base_image() {
 }
 
 start=$SECONDS
+provisioned=0 # 1: Docker was missing here (CI), so no registry is assumed either
 if daemon_up && compose_client >/dev/null; then
   log "Docker with Compose v2 already works: nothing to install"
 else
+  provisioned=1
   install_engine
   install_compose
   start_daemon

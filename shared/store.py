@@ -5,10 +5,13 @@ Layout of MODELS_DIR:
     <version>/model.json   format_version, arch, class names, preprocessing, metrics, sha256, ...
     LATEST                 one line: the version to serve, replaced atomically
 A version folder is written as `.tmp-<version>` and renamed into place only when complete.
+Its publisher holds an flock on that folder while it writes, so the temporary folders of
+killed publishers (unlocked) can be told from live ones and removed (`remove_stale_temp_folders`).
 """
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -30,6 +33,7 @@ from shared.model import ARCHS, build_model
 
 FORMAT_VERSION = 1
 LATEST = "LATEST"
+TMP_PREFIX = ".tmp-"
 WEIGHTS_FILE = "model.pt"
 META_FILE = "model.json"
 # 20261128T201500123Z-3f9a1c: UTC time to the millisecond, then a random suffix so that
@@ -55,6 +59,8 @@ REQUIRED_META = (
     "sha256",
     "metrics",
 )
+# model.json keys that publish() writes itself; a caller's meta may not set them.
+STORE_KEYS = ("format_version", "version", "created_at", "num_classes", "sha256")
 
 
 class StoreError(Exception):
@@ -192,16 +198,21 @@ def version_dir(models_dir: Path, version: str) -> Path:
 def list_versions(models_dir: Path) -> list[str]:
     """Complete versions in the store, oldest first (hidden temporary folders excluded)."""
     models_dir = Path(models_dir)
+    return [
+        v
+        for v in version_folders(models_dir)
+        if (models_dir / v).is_dir()
+        and not (models_dir / v).is_symlink()
+        and (models_dir / v / META_FILE).is_file()
+    ]
+
+
+def version_folders(models_dir: Path) -> list[str]:
+    """Every entry named like a version, oldest first, usable or not (for reports)."""
+    models_dir = Path(models_dir)
     if not models_dir.is_dir():
         return []
-    return sorted(
-        p.name
-        for p in models_dir.iterdir()
-        if VERSION_RE.match(p.name)
-        and p.is_dir()
-        and not p.is_symlink()
-        and (p / META_FILE).is_file()
-    )
+    return sorted(p.name for p in models_dir.iterdir() if VERSION_RE.match(p.name))
 
 
 def read_latest(models_dir: Path) -> str | None:
@@ -232,51 +243,173 @@ def rollback(models_dir: Path) -> str:
     """Point LATEST at the version published before the current one; return it."""
     versions = list_versions(models_dir)
     current = read_latest(models_dir)
+    if not versions:
+        raise StoreError(f"no versions in {models_dir}: nothing to roll back to")
     older = [v for v in versions if current is None or v < current]
     if not older:
-        raise StoreError(f"no version older than {current} to roll back to")
+        raise StoreError(f"{current} is the oldest version: nothing older to roll back to")
     set_latest(models_dir, older[-1])
     return older[-1]
+
+
+def _lock_folder(path: Path, block: bool) -> int | None:
+    """A descriptor holding an exclusive flock on folder `path`, or None if another holds it.
+
+    A publisher holds this lock on its temporary folder while it writes; the kernel releases it
+    when the publisher dies, however it dies, so an unlocked temporary folder is abandoned.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if block else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _still_at(fd: int, path: Path) -> bool:
+    """Whether `path` still leads to the folder open as `fd` (not removed or replaced)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+    except FileNotFoundError:
+        return False
+
+
+def _new_locked_temp_folder(models_dir: Path) -> tuple[str, Path, int]:
+    """A fresh version name, its empty `.tmp-<version>` folder, and the lock held on it."""
+    while True:
+        version = _next_version_name(models_dir)
+        tmp = models_dir / f"{TMP_PREFIX}{version}"
+        tmp.mkdir()
+        fd = _lock_folder(tmp, block=True)
+        # Between mkdir and flock the folder was unlocked: a cleaner may have removed it (it
+        # held the lock meanwhile, so ours waited). It is ours only if still in place.
+        if _still_at(fd, tmp):
+            return version, tmp, fd
+        os.close(fd)
+
+
+def remove_stale_temp_folders(models_dir: Path, dry_run: bool = False) -> list[str]:
+    """Remove the `.tmp-<version>` folders no live publisher holds (killed ones); their names.
+
+    A live publisher's folder is locked and never touched. With `dry_run`, only report.
+    """
+    try:
+        entries = sorted(p for p in Path(models_dir).iterdir() if p.name.startswith(TMP_PREFIX))
+    except FileNotFoundError:
+        return []
+    removed = []
+    for path in entries:
+        try:
+            fd = _lock_folder(path, block=False)
+        except OSError:  # gone meanwhile, or not a plain folder: not ours to remove
+            continue
+        if fd is None:  # a publisher is writing it
+            continue
+        try:
+            if _still_at(fd, path):
+                if not dry_run:
+                    shutil.rmtree(path)
+                removed.append(path.name)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def prune(models_dir: Path, keep: int, dry_run: bool = False) -> list[str]:
+    """Remove all but the newest `keep` complete versions, never the one LATEST names, and the
+    temporary folders of killed publishers; return the names removed (with `dry_run`, would be).
+    """
+    if keep < 0:
+        raise StoreError(f"keep must be 0 or more, not {keep}")
+    models_dir = Path(models_dir)
+    latest = read_latest(models_dir)  # an unreadable LATEST stops here: nothing is removed
+    versions = list_versions(models_dir)
+    kept = set(versions[len(versions) - keep :] if keep else []) | {latest}
+    removed = []
+    try:
+        for version in versions:
+            if version in kept:
+                continue
+            # Re-read LATEST right before each removal: a promote may have moved it meanwhile.
+            if not dry_run and read_latest(models_dir) != version:
+                # Out of sight first (atomic): a prune killed mid-way leaves a temporary
+                # folder for the next clean-up, never half a version.
+                hidden = models_dir / f"{TMP_PREFIX}{version}"
+                os.rename(models_dir / version, hidden)
+                shutil.rmtree(hidden)
+            if dry_run or not (models_dir / version).exists():
+                removed.append(version)
+        removed += remove_stale_temp_folders(models_dir, dry_run=dry_run)
+    except OSError as exc:
+        raise StoreError(f"cannot prune {models_dir}: {exc.strerror or exc}") from None
+    return removed
+
+
+def _latest_may_name(models_dir: Path, version: str) -> bool:
+    """Whether LATEST names `version`, or cannot be read (then it might)."""
+    try:
+        return read_latest(models_dir) == version
+    except (OSError, StoreError):
+        return True
 
 
 def publish(models_dir: Path, state_dict: dict, meta: dict, make_latest: bool = True) -> str:
     """Write a new version (weights + model.json) and, by default, point LATEST at it.
 
     All or nothing: the version appears under its name only once both files are complete and
-    synced, and on any error (LATEST included) it is removed again and LATEST is untouched.
+    synced, and on any error it is removed again and LATEST is untouched -- unless LATEST
+    already names it (the folder sync after moving LATEST failed): a served version stays.
+    `meta` may not set the keys publish writes itself (STORE_KEYS).
     """
+    reserved = [key for key in STORE_KEYS if key in meta]
+    if reserved:
+        raise StoreError(f"meta may not set {', '.join(reserved)}: publish writes them itself")
     models_dir = Path(models_dir)
     tmp: Path | None = None
+    lock: int | None = None
+    renamed = False
     try:
         models_dir.mkdir(parents=True, exist_ok=True)
-        version = _next_version_name(models_dir)
-        tmp = models_dir / f".tmp-{version}"
-        tmp.mkdir()
+        with contextlib.suppress(OSError):  # housekeeping never fails a publish
+            remove_stale_temp_folders(models_dir)
+        version, tmp, lock = _new_locked_temp_folder(models_dir)
         weights = tmp / WEIGHTS_FILE
         atomic_torch_save({k: v.detach().cpu() for k, v in state_dict.items()}, weights)
         full_meta = {
+            **meta,
             "format_version": FORMAT_VERSION,
             "version": version,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            **meta,
             "num_classes": len(meta["class_names"]),
             "sha256": sha256_file(weights),
         }
         atomic_write_json(tmp / META_FILE, full_meta)
         os.rename(tmp, models_dir / version)
+        renamed = True
         _fsync_dir(models_dir)
         if make_latest:
             set_latest(models_dir, version)
     except (OSError, StoreError) as exc:
+        if isinstance(exc, StoreError):
+            reason = str(exc)
+        else:
+            reason = f"cannot publish to {models_dir}: {exc.strerror or exc}"
+        if renamed and _latest_may_name(models_dir, version):
+            raise StoreError(f"{reason} ({version} is kept: {LATEST} names it)") from None
         if tmp is not None:
             # Out of sight first (a rename is atomic), then removed.
-            with contextlib.suppress(OSError):
-                os.rename(models_dir / version, tmp)
+            if renamed:
+                with contextlib.suppress(OSError):
+                    os.rename(models_dir / version, tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, StoreError):
-            raise
-        reason = exc.strerror or str(exc)
-        raise StoreError(f"cannot publish to {models_dir}: {reason}") from None
+        raise StoreError(reason) from None
+    finally:
+        if lock is not None:
+            os.close(lock)
     return version
 
 
@@ -292,6 +425,9 @@ def read_meta(models_dir: Path, version: str) -> dict:
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise StoreError(f"{version}: {META_FILE} lacks {', '.join(missing)}")
+    if meta["version"] != version:
+        # A folder copied or renamed by hand: the server would report the wrong version.
+        raise StoreError(f"{version}: {META_FILE} names version {meta['version']!r}")
     if meta["format_version"] != FORMAT_VERSION:
         raise StoreError(f"{version}: unsupported format_version {meta['format_version']}")
     if meta["arch"] not in ARCHS:

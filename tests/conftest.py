@@ -7,12 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from shared import store
-from shared.classes import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
-from shared.model import build_model
+from bench.servers import publish_model as publish_random_model  # noqa: F401 - one publisher
+from shared.classes import CIFAR10_CLASSES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,24 +49,6 @@ def image_folders(tmp_path: Path) -> Path:
     return make_image_folders(tmp_path / "data")
 
 
-def publish_random_model(models_dir: Path, arch: str = "resnet18", seed: int = 0, **meta) -> str:
-    """Publish an untrained model straight through the store (fast path for tests)."""
-    torch.manual_seed(seed)
-    model = build_model(arch, len(CIFAR10_CLASSES))
-    full = {
-        "run_id": f"test-{seed}",
-        "arch": arch,
-        "class_names": list(CIFAR10_CLASSES),
-        "image_size": 32,
-        "mean": list(CIFAR10_MEAN),
-        "std": list(CIFAR10_STD),
-        "metrics": {"valid_acc": 0.1},
-        "config": {"seed": seed},
-    }
-    full.update(meta)
-    return store.publish(models_dir, model.state_dict(), full)
-
-
 def run_trainer(
     *args: str, env: dict | None = None, timeout: float = 300, preexec_fn=None
 ) -> subprocess.CompletedProcess:
@@ -84,3 +64,19 @@ def run_trainer(
         timeout=timeout,
         preexec_fn=preexec_fn,
     )
+
+
+def assert_one_line_error(result, *parts: str, alone: bool = False) -> None:
+    """Exit 2 and exactly one `error:` line (the last one), naming every part, no traceback.
+
+    `alone`: stderr holds that line and nothing else (no progress bar, no warning).
+    """
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert result.stderr.rstrip().endswith(errors[0])
+    assert "Traceback" not in result.stderr
+    if alone:
+        assert result.stderr == errors[0] + "\n", result.stderr
+    for part in parts:
+        assert part in errors[0], errors[0]

@@ -35,6 +35,16 @@ UNSHARE_COMMANDS = (
 )
 
 
+def skip_unless_ci(reason: str) -> None:
+    """Skip where the machine cannot give the failure; under CI (env CI set) fail instead.
+
+    CI runs as root with mount rights: a skip there would hide that a guarantee went unchecked.
+    """
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run this test: {reason}")
+    pytest.skip(reason)
+
+
 def _die_with_parent() -> None:
     """In the child before exec: get SIGKILL when the test process dies."""
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -54,13 +64,13 @@ def _private_mount(script: str, target: Path) -> Iterator[Path]:
                 preexec_fn=_die_with_parent,
             )
         except FileNotFoundError:
-            pytest.skip("no `unshare` command (util-linux) to make a private mount namespace")
+            skip_unless_ci("no `unshare` command (util-linux) to make a private mount namespace")
         if holder.stdout.readline().strip() == "mounted":
             break
         holder.kill()
         errors.append(f"{' '.join(unshare)}: {holder.communicate()[1].strip()}")
     else:
-        pytest.skip(f"cannot mount in a private mount namespace here: {'; '.join(errors)}")
+        skip_unless_ci(f"cannot mount in a private mount namespace here: {'; '.join(errors)}")
     try:
         yield Path(f"/proc/{holder.pid}/root") / target.relative_to("/")
     finally:
@@ -135,11 +145,11 @@ def permissions_enforced() -> Callable[[], None] | None:
 
     As root (CI), chmod alone stops nothing: the child loses CAP_DAC_OVERRIDE. As another
     user, permissions already apply: None. Skips the test, with the reason, where the
-    capability cannot be dropped.
+    capability cannot be dropped (fails under CI).
     """
     if os.geteuid() != 0:
         return None
     reason = _permission_check_works()
     if reason:
-        pytest.skip(reason)
+        skip_unless_ci(reason)
     return _drop_write_override

@@ -10,34 +10,36 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from shared import store
 from shared.classes import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+from shared.device import DEVICE_NAMES, DeviceError, check_device_name
 from shared.model import ARCHS, build_model
-from shared.precision import variant_name
 from shared.preprocess import normalize_batch
 from trainer import TrainerError
+from trainer import distributed as ddp
 from trainer.data import Dataset, load_folders, load_torchvision
 from trainer.ema import EMA
 from trainer.loop import (
     STOP,
     Interrupted,
     evaluate,
+    lr_factor,
     make_optimizer,
     on_signal,
-    resolve_device,
+    replan,
     train_one_epoch,
     zero_init_residual,
 )
+from trainer.publish import best_model_meta, publish_once
 from trainer.recipe import (
     RECIPE_OPTIONS,
     apply_recipe,
+    choose_and_plan,
     describe,
     device_kind,
     launched_at,
-    measure_training,
-    plan,
-    replan,
+    replan_epochs,
 )
+from trainer.resume import plan_run, resume_command, start_run
 from trainer.run import RunDir
 from trainer.weights import load_initial_weights
 
@@ -46,15 +48,16 @@ from trainer.weights import load_initial_weights
 # means the device's recipe (trainer/recipe.py) sets it unless the user does.
 # fmt: off
 OPTIONS = [
-    ("--data-dir", "TRAIN_DATA_DIR", str, "", None,
+    ("--data-dir", "DATA_DIR", str, "", None,
      "class folders DIR/train/<class>/*, optional DIR/valid/ and DIR/test/; "
      "empty: torchvision's CIFAR-10, downloaded into --download-dir"),
-    ("--download-dir", "DATA_DIR", str, "volumes/data", None,
+    ("--download-dir", "DOWNLOAD_DIR", str, "volumes/data", None,
      "where torchvision's CIFAR-10 is downloaded once and reused"),
     ("--epochs", "EPOCHS", int, None, None,
      "passes over the training split; recipe: as many as --time-budget allows"),
     ("--batch-size", "BATCH_SIZE", int, None, None,
-     "images per SGD step; recipe: cpu 128, cuda 512"),
+     "images per SGD step, over all processes under torchrun (each takes an equal share); "
+     "recipe: cpu 128, cuda 512"),
     ("--lr", "LR", float, None, None, "peak learning rate; recipe: cpu 0.1, cuda 0.4"),
     ("--schedule", "SCHEDULE", str, "onecycle", ["onecycle", "step"],
      "onecycle: linear warm-up, then linear decay to 0; step: lr * lr-decay every lr-period "
@@ -78,7 +81,7 @@ OPTIONS = [
      "max-pool; recipe: cpu resnet18_nomaxpool, cuda resnet18_cifar"),
     ("--weights", "WEIGHTS", str, "imagenet", None,
      "imagenet (torchvision IMAGENET1K_V1, cached in TORCH_HOME), none, or a state_dict PATH"),
-    ("--device", "DEVICE", str, "auto", ["auto", "cpu", "cuda"], "auto: cuda when available"),
+    ("--device", "DEVICE", str, "auto", None, f"{DEVICE_NAMES}; auto: cuda when available"),
     ("--amp", "AMP", str, "auto", ["auto", "bf16", "off"],
      "bf16 autocast; auto: bf16 or fp32, whichever trains faster, timed at start (fp32 on "
      "CPUs without bf16 units)"),
@@ -88,8 +91,12 @@ OPTIONS = [
      "on every image, no validation, publish the last epoch)"),
     ("--models-dir", "MODELS_DIR", str, "volumes/models", None, "model store to publish into"),
     ("--runs-dir", "RUNS_DIR", str, "volumes/runs", None, "where run folders are written"),
+    ("--sync-bn", "SYNC_BN", str, "off", ["off", "on"],
+     "on: BatchNorm statistics over the global batch under torchrun (CUDA only); off: per "
+     "process"),
 ]
 # fmt: on
+OPTIONS += RECIPE_OPTIONS  # time budget, short-schedule options, layout, cache (recipe.py)
 
 
 class Parser(argparse.ArgumentParser):
@@ -100,34 +107,52 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Every option also reads the environment variable named in its help; the device's
-    recipe fills the options given neither way (args.recipe says which)."""
+def build_parser(defaults: bool = True) -> Parser:
+    """The options; with defaults=False an option absent from the command line stays unset."""
     p = Parser(
         prog="python -m trainer",
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=None if defaults else argparse.SUPPRESS,
     )
-    for flag, var, kind, default, choices, meaning in OPTIONS + RECIPE_OPTIONS:
+    for flag, var, kind, default, choices, meaning in OPTIONS:
         p.add_argument(
             flag,
             type=kind,
-            default=os.environ.get(var, default),
             choices=choices,
             help=f"{meaning} (env {var})",
+            **({"default": os.environ.get(var, default)} if defaults else {}),
         )
     p.add_argument(
         "--resume",
         nargs="?",
         const="newest",
         metavar="RUN_ID",
-        help="continue RUN_ID, or the newest unfinished run, from its last completed epoch",
+        help="continue RUN_ID, or the newest unfinished run, from its last completed epoch; "
+        "only --epochs (the schedule is re-planned), --device and the folders may change",
     )
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Every option also reads the environment variable named in its help."""
+    p = build_parser()
+    if os.environ.get("TRAIN_DATA_DIR"):
+        # Renamed: the old DATA_DIR meant the download folder, so a silent fallback could
+        # read the wrong folder. Say so once, plainly.
+        p.error(
+            "TRAIN_DATA_DIR was renamed DATA_DIR (class folders, --data-dir); the CIFAR-10 "
+            "download folder is DOWNLOAD_DIR (--download-dir)"
+        )
     args = p.parse_args(argv)
     for action in p._actions:  # argparse checks choices on the command line, not env defaults
         value = getattr(args, action.dest, None)
         if action.choices and value is not None and value not in action.choices:
             p.error(f"{action.option_strings[0]} must be one of {', '.join(action.choices)}")
+    try:
+        check_device_name(args.device)
+    except DeviceError as exc:
+        p.error(f"--device (env DEVICE): {exc}")
     args.recipe = apply_recipe(args, device_kind(args.device, torch.cuda.is_available()))
     if args.epochs is None and not args.time_budget:
         p.error("--time-budget 0 needs --epochs")
@@ -139,6 +164,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--ema and --lr-floor must be in [0, 1), --time-budget >= 0")
     if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
         p.error(f"--weights {args.weights}: no such file (or use 'imagenet' or 'none')")
+    # What the user chose (command line or environment), as opposed to defaults: a resume
+    # refuses the ones that would change the run.
+    from_env = {flag[2:].replace("-", "_") for flag, var, *_ in OPTIONS if var in os.environ}
+    args.given = sorted(from_env | set(vars(build_parser(defaults=False).parse_args(argv))))
     return args
 
 
@@ -157,111 +186,150 @@ def load_data(config: dict) -> Dataset:
 
 
 def main(args: argparse.Namespace) -> int:
-    launched = launched_at()
-    device = resolve_device(args.device)
-    if args.resume:
-        run = RunDir.find_unfinished(
-            args.runs_dir, None if args.resume == "newest" else args.resume
-        )
-        config = run.read_config()
-        state = run.load_state()
-        print(f"resuming run {run.run_id} after epoch {state['epoch'] if state else 0}")
-    else:
-        config = {k: v for k, v in vars(args).items() if k not in ("resume", "device")}
-        config["data_dir"] = str(Path(config["data_dir"]).resolve()) if args.data_dir else ""
-        run, state = RunDir.create(args.runs_dir), None
-        config["run_id"] = run.run_id
-        print(describe(args, args.recipe))
-    torch.manual_seed(config["seed"])
-
-    t0 = time.time()
-    data = load_data(config)
-    print(
-        f"data: {len(data.train)} train, {len(data.valid)} valid, "
-        f"{len(data.test) if data.test else 0} test images, {len(data.class_names)} classes, "
-        f"loaded in {time.time() - t0:.1f}s"
-    )
-    # The whole uint8 dataset lives on the training device (CIFAR-10 at 32 px: 150 MB), so a
-    # step never waits for a host-to-device copy.
-    data = data.to(device)
-    config["class_names"] = data.class_names
-    config["split"] = {
-        "valid_from_train": data.valid_from_train,
-        "valid_ratio": config["valid_ratio"],
-        "seed": config["seed"],
-        "train": len(data.train),
-        "valid": len(data.valid),
-    }
-    weights_imagenet = config["weights"] == "imagenet"
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if weights_imagenet else (CIFAR10_MEAN, CIFAR10_STD)
-    normalize = normalize_batch(list(mean), list(std))
-
-    model = build_model(config["arch"], len(data.class_names))
-    if state is None:
-        if config["zero_init_residual"] == "on":
-            zero_init_residual(model)
-        load_initial_weights(model, config["weights"])
-    model.to(device)
-    if state is None:
-        choice = measure_training(model, data.train, config, device, normalize)
-        config.update(choice.as_dict())
-        print(f"{choice.precision} {choice.memory_format}: {choice.reason}")
-        if config["epochs"] is None:
-            plan(
-                config,
-                data,
-                choice.timings_ms[variant_name(choice.bf16, choice.channels_last)],
-                launched,
-            )
-        run.write_config(config)
-    bf16, channels_last = config["precision"] == "bf16", config["memory_format"] == "channels_last"
-    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    ema = EMA(model, config["ema"]) if config["ema"] else None
-    trained = torch.compile(model) if config["compile"] == "on" else model
-    steps_per_epoch = max(1, len(data.train) // config["batch_size"])
-    opt, sched = make_optimizer(model, config, steps_per_epoch)
-    history, best_acc, start_epoch = [], -1.0, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        history, best_acc, start_epoch = state["history"], state["best_acc"], state["epoch"]
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        run.write_metrics(history)
-    evaluated = ema.model if ema is not None else model  # what is validated and published
-    validate = len(data.valid) > 0
-
+    # First thing: a Ctrl-C while the data loads stops at once, with one line, no traceback.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    train_seconds = sum(r["train_seconds"] for r in history)
-    train_examples = sum(r["examples"] for r in history)
-    epoch = start_epoch
+    launched = launched_at()
+    d = ddp.init_distributed_mode(args.device)  # ddp: rank, world size, this rank's device
+    log = print if d.is_main else lambda *_, **__: None  # ddp: rank 0 speaks for all
+    run, history = None, []
     try:
+        keys = [flag[2:].replace("-", "_") for flag, *_ in OPTIONS]
+        plan = ddp.on_main(d, plan_run, args, keys)  # ddp: rank 0 decides
+        if "finished" in plan:
+            log(f"run {plan['run_id']} already published {plan['finished']['version']}")
+            return 0
+        config, state = plan["config"], plan["state"]
+        if config["batch_size"] % d.world_size:
+            raise TrainerError(
+                f"--batch-size {config['batch_size']} is the global batch: it must be a "
+                f"multiple of the {d.world_size} processes"
+            )
+        if state is not None:
+            log(f"resuming run {plan['run_id']} after epoch {state['epoch']}")
+        elif plan["run_id"] is None:
+            config["recipe"] = args.recipe
+            log(describe(args, args.recipe))
+        device = d.device
+        torch.manual_seed(config["seed"])
+
+        t0 = time.time()
+        log("loading data", flush=True)
+        with ddp.local_main_first(d):  # ddp: one download (or cache write) per node
+            data = load_data(config)
+        log(
+            f"data: {len(data.train)} train, {len(data.valid)} valid, "
+            f"{len(data.test) if data.test else 0} test images, {len(data.class_names)} "
+            f"classes, loaded in {time.time() - t0:.1f}s; {ddp.describe(d)}"
+        )
+        # The whole uint8 dataset lives on the training device (CIFAR-10 at 32 px: 150 MB), so
+        # a step never waits for a host-to-device copy.
+        data = data.to(device)
+        config["class_names"] = data.class_names
+        config["split"] = {
+            "valid_from_train": data.valid_from_train,
+            "valid_ratio": config["valid_ratio"],
+            "seed": config["seed"],
+            "train": len(data.train),
+            "valid": len(data.valid),
+        }
+        run_id = ddp.on_main(d, start_run, args, plan["run_id"], config)  # ddp: rank 0 writes
+        run = RunDir(Path(args.runs_dir) / run_id)
+        config["run_id"] = run_id
+        weights_imagenet = config["weights"] == "imagenet"
+        mean, std = (
+            (IMAGENET_MEAN, IMAGENET_STD) if weights_imagenet else (CIFAR10_MEAN, CIFAR10_STD)
+        )
+        normalize = normalize_batch(list(mean), list(std))
+
+        net = build_model(config["arch"], len(data.class_names))
+        if state is None:  # ddp: rank 0's weights; DDP copies them to the other ranks
+            if config["zero_init_residual"] == "on":
+                zero_init_residual(net)  # before --weights: loaded weights win
+            ddp.on_main(d, load_initial_weights, net, config["weights"])
+        else:
+            net.load_state_dict(state["model"])
+        net.to(device)
+        if "precision" not in config:  # ddp: rank 0 times the choices and plans the budget
+            config.update(
+                ddp.on_main(d, choose_and_plan, net, data, config, device, normalize, launched)
+            )
+            if d.is_main:
+                run.write_config(config)
+        bf16 = config["precision"] == "bf16"
+        channels_last = config["memory_format"] == "channels_last"
+        net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        ema = EMA(net, config["ema"]) if config["ema"] else None
+        if ema is not None and state is not None:
+            ema.load_state_dict(state["ema"])
+        model = ddp.wrap_model(net, d, config.get("sync_bn") == "on")  # ddp: DDP(model)
+        net = getattr(model, "module", model)
+        if config["compile"] == "on":
+            model = torch.compile(model)
+        evaluated = ema.model if ema is not None else net  # validated and published
+        steps_per_epoch = max(1, len(data.train) // config["batch_size"])
+        opt, sched = make_optimizer(net, config, steps_per_epoch)
+        history, best_acc, start_epoch = [], -1.0, 0
+        if state is not None:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            replan(sched)  # --epochs may have changed: the plan for the new total, from here
+            history, best_acc, start_epoch = state["history"], state["best_acc"], state["epoch"]
+            torch.set_rng_state(state["rng_cpu"])
+            if device.type == "cuda" and "rng_cuda" in state:
+                torch.cuda.set_rng_state(state["rng_cuda"])
+            if d.is_main:
+                run.write_metrics(history)
+        # ddp: each rank validates its share of valid/, the counts are summed
+        valid = data.valid.subset(torch.arange(d.rank, len(data.valid), d.world_size))
+        validate = len(data.valid) > 0  # --valid-ratio 0: every epoch is the best so far
+
+        STOP.immediate = False  # from here a signal stops after the current step (state kept)
+        train_seconds = sum(r["train_seconds"] for r in history)
+        train_examples = sum(r["examples"] for r in history)
+        epoch = start_epoch
         while epoch < config["epochs"]:
             t_epoch = time.time()
             lr = sched.get_last_lr()[0]
+            batches = ddp.epoch_batches(  # ddp: this rank's shard of the epoch's permutation
+                len(data.train), config["batch_size"], config["seed"], epoch, d
+            )
             with tqdm(
-                total=steps_per_epoch * config["batch_size"],
+                total=batches.numel(),
                 unit="img",
                 leave=False,
                 mininterval=2.0,
                 desc=f"epoch {epoch + 1}/{config['epochs']}",
                 file=sys.stderr,
+                disable=not d.is_main,
             ) as bar:
                 train_loss, train_acc, seen = train_one_epoch(
-                    trained, opt, sched, data.train, config, device, bf16, channels_last,
-                    normalize, bar, ema,
-                )  # fmt: skip
+                    model,
+                    opt,
+                    sched,
+                    data.train,
+                    batches,
+                    config,
+                    device,
+                    bf16,
+                    normalize,
+                    bar,
+                    stop=lambda: ddp.agree_stop(d),  # ddp: a signal on any rank stops all
+                    channels_last=channels_last,
+                    ema=ema,
+                )
+            ddp.sync_buffers(net, d)  # ddp: rank 0's BatchNorm statistics everywhere
+            ddp.debug_record(d, epoch + 1, batches, net)
+            train_loss, train_acc, seen = ddp.reduce_mean(d, train_loss, train_acc, seen)
             train_time = time.time() - t_epoch
             valid_loss = valid_acc = None
             if validate:
-                valid_loss, valid_acc, _ = evaluate(
-                    evaluated, data.valid, device, bf16, normalize,
-                    channels_last=channels_last, tta=config["tta"],
+                valid_loss, valid_acc, _ = ddp.reduce_evaluation(
+                    d,
+                    *evaluate(
+                        evaluated, valid, device, bf16, normalize,
+                        channels_last=channels_last, tta=config["tta"],
+                    ),
                 )  # fmt: skip
             row = {
                 "epoch": epoch + 1,
@@ -278,16 +346,13 @@ def main(args: argparse.Namespace) -> int:
             history.append(row)
             train_seconds += train_time
             train_examples += seen
-            if not validate or valid_acc > best_acc:  # no validation: the last epoch is best
-                best_acc = valid_acc if validate else best_acc
-                run.save_best(evaluated.state_dict())
             state = {
                 "epoch": epoch + 1,
-                "model": model.state_dict(),
+                "model": net.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "history": history,
-                "best_acc": best_acc,
+                "best_acc": max(best_acc, valid_acc or -1.0),
                 "rng_cpu": torch.get_rng_state(),
                 "valid_index_paths": data.valid.paths,
             }
@@ -295,72 +360,62 @@ def main(args: argparse.Namespace) -> int:
                 state["ema"] = ema.state_dict()
             if device.type == "cuda":
                 state["rng_cuda"] = torch.cuda.get_rng_state()
-            run.save_state(state)
-            run.write_metrics(history)
-            valid_text = f"valid loss {valid_loss:.3f} acc {valid_acc:.3f}" if validate else ""
-            print(
+            if d.is_main:  # ddp: only rank 0 writes the run folder
+                if not validate or valid_acc > best_acc:
+                    run.save_best(evaluated.state_dict())
+                run.save_state(state)
+                run.write_metrics(history)
+            best_acc = max(best_acc, valid_acc or -1.0)
+            shown = f"valid loss {valid_loss:.3f} acc {valid_acc:.3f}" if validate else ""
+            log(
                 f"epoch {epoch + 1:>3}/{config['epochs']}  lr {lr:.4f}  "
-                f"train loss {train_loss:.3f} acc {train_acc:.3f}  {valid_text}  "
-                f"{row['examples_per_sec']:.1f} img/s  {time.time() - t_epoch:.1f}s",
+                f"train loss {train_loss:.3f} acc {train_acc:.3f}  {shown}  "
+                f"{row['examples_per_sec']:.1f} img/s  {row['seconds']:.1f}s",
                 flush=True,
             )
             epoch += 1
-            if epoch == 1 and config.get("budget_plan"):
-                replan(config, data, sched, steps_per_epoch, time.time() - t_epoch, launched, run)
-    except Interrupted:
-        done = history[-1]["epoch"] if history else 0
-        print(
-            f"\ninterrupted by signal {STOP.signum}; state saved after epoch {done}. "
-            f"Resume with: python -m trainer --resume {run.run_id}",
-            file=sys.stderr,
-        )
-        return 128 + STOP.signum
+            if epoch == 1 and state["epoch"] == 1:  # ddp: rank 0's measured epoch decides
+                epochs = ddp.on_main(d, replan_epochs, config, time.time() - t_epoch, launched)
+                if epochs:
+                    config["epochs"] = config["budget_plan"]["epochs_after_epoch_1"] = epochs
+                    sched.lr_lambdas = [lr_factor(config, steps_per_epoch)] * len(sched.base_lrs)
+                    replan(sched)
+                    if d.is_main:
+                        run.write_config(config)
+            if ddp.agree_stop(d):  # e.g. a signal during validation: stop, the epoch is saved
+                raise Interrupted
 
-    last = history[-1]
-    valid_text = f", valid acc {last['valid_acc']:.3f}" if validate else " (no validation)"
-    print(f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}{valid_text}")
-    print(f"{train_examples / max(train_seconds, 1e-9):.1f} examples/sec on {[device]}")
-
-    evaluated.load_state_dict(run.load_best())
-    metrics = {"epochs": config["epochs"]}
-    if validate:
-        metrics["valid_acc"] = round(best_acc, 4)
-    else:
-        metrics["validation"] = "none: trained on every image, last epoch published"
-    if data.test is not None:
-        _, test_acc, confusion = evaluate(
-            evaluated, data.test, device, bf16, normalize,
-            channels_last=channels_last, tta=config["tta"],
+        last = history[-1]
+        shown = f", valid acc {last['valid_acc']:.3f}" if validate else " (no validation)"
+        log(f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}{shown}")
+        log(f"{train_examples / max(train_seconds, 1e-9):.1f} examples/sec on {[device]}")
+        # ddp: rank 0 tests and publishes while the others wait for it
+        meta = ddp.on_main(
+            d, best_model_meta, run, net, data, config, best_acc if validate else None,
+            device, bf16, normalize, mean, std, channels_last,
         )  # fmt: skip
-        per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
-        metrics["test_acc"] = round(test_acc, 4)
-        metrics["test_per_class_acc"] = dict(
-            zip(data.class_names, [round(a, 4) for a in per_class], strict=True)
+        if ddp.agree_stop(d):  # a signal during the test evaluation: nothing published
+            raise Interrupted
+        version = ddp.on_main(d, publish_once, Path(args.models_dir), run, net, meta)
+    except Interrupted:
+        done = history[-1]["epoch"] if run and history else 0
+        saved = (
+            f"state saved after epoch {done}. Resume with: {resume_command(run.run_id)}"
+            if run
+            else "nothing was written"
         )
-        run.plot_confusion(confusion, data.class_names)
-        print(f"test acc {test_acc:.4f} on {len(data.test)} images")
-    meta = {
-        "run_id": run.run_id,
-        "arch": config["arch"],
-        "class_names": data.class_names,
-        "image_size": config["image_size"],
-        "mean": list(mean),
-        "std": list(std),
-        "metrics": metrics,
-        "config": config,
-    }
-    if config["tta"] == "hflip":
-        meta["tta"] = "hflip"  # the published accuracy averages each image with its mirror
-    try:
-        version = store.publish(Path(args.models_dir), evaluated.state_dict(), meta)
-    except store.StoreError as exc:
-        raise TrainerError(f"{exc}; the run's best weights stay in {run.path}/best.pt") from None
-    run.write_result({"version": version, "metrics": metrics})
-    published = f"best valid acc {best_acc:.4f}" if validate else "last epoch"
-    print(
-        f"published model version {version} to {args.models_dir} ({published}, "
+        log(f"\ninterrupted by signal {STOP.signum}; {saved}", file=sys.stderr)
+        return 128 + STOP.signum
+    finally:
+        ddp.close(d)
+    best = f"best valid acc {best_acc:.4f}" if validate else "last epoch: no validation"
+    log(
+        f"published model version {version} to {args.models_dir} ({best}, "
         f"{time.time() - launched:.1f}s after launch)"
     )
+    if STOP.signum:  # the signal came while publishing, which is all or nothing: it finished
+        log(f"signal {STOP.signum} arrived while publishing: version {version} is complete")
+        return 128 + STOP.signum
     return 0
 
 
@@ -368,5 +423,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main(parse_args()))
     except TrainerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the same error
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

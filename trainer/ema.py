@@ -30,7 +30,9 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """Move the average one step towards `model`."""
+        """Move the average one step towards `model` (DDP- or compile-wrapped: its inside)."""
+        model = getattr(model, "_orig_mod", model)  # torch.compile
+        model = getattr(model, "module", model)  # DistributedDataParallel
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         ours, theirs = self._pairs(model)

@@ -13,14 +13,6 @@ from trainer import TrainerError
 from trainer.data import Split
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise TrainerError("--device cuda, but CUDA is not available (use --device cpu)")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
 def lr_factor(config: dict, steps_per_epoch: int):
     """LR multiplier as a function of the global step, for LambdaLR."""
     total = config["epochs"] * steps_per_epoch
@@ -52,6 +44,21 @@ def make_optimizer(model, config: dict, steps_per_epoch: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config, steps_per_epoch))
 
 
+def shard_batches(order: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1):
+    """Rank's part of each global batch of a permutation: (steps, batch_size / world_size).
+
+    Rank r takes columns r*b..(r+1)*b of every batch, so the ranks' shards are disjoint and
+    cover the epoch. A ragged last batch is dropped (BatchNorm on 1 image fails), unless it is
+    the only batch.
+    """
+    n = len(order)
+    steps = max(1, n // batch_size)
+    per_rank = min(batch_size, n) // world_size
+    if per_rank == 0:
+        raise TrainerError(f"{n} training images cannot be shared by {world_size} processes")
+    return order[: steps * per_rank * world_size].view(steps, world_size, per_rank)[:, rank]
+
+
 def zero_init_residual(model) -> None:
     """Zero the last BatchNorm's scale in each residual block: every block starts as identity."""
     for module in model.modules():
@@ -61,9 +68,8 @@ def zero_init_residual(model) -> None:
 
 def as_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """x in the memory layout the model runs in."""
-    return x.contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format
-    )
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return x.contiguous(memory_format=fmt)
 
 
 def train_step(model, opt, x, y, config, device, bf16, channels_last, normalize):
@@ -80,20 +86,32 @@ def train_step(model, opt, x, y, config, device, bf16, channels_last, normalize)
 
 
 def train_one_epoch(
-    model, opt, sched, train: Split, config, device, bf16, channels_last, normalize, bar, ema=None
+    model,
+    opt,
+    sched,
+    train: Split,
+    batches,
+    config,
+    device,
+    bf16,
+    normalize,
+    bar,
+    stop=None,
+    channels_last=True,
+    ema=None,
 ):
-    """One shuffled pass over train with per-batch augmentation on the device."""
+    """One pass over `batches` (rows of indices into train), augmenting each batch on the device.
+
+    `stop()` is asked after every step (default: this process's signal flag); a non-zero
+    answer raises Interrupted. `ema` (trainer.ema.EMA) follows the weights after each step.
+    """
     model.train()
-    n = len(train)
-    # Drop a ragged last batch (BatchNorm on 1 image fails), unless it is the only batch.
-    steps = max(1, n // config["batch_size"])
-    # Drawn on the CPU generator (reproducible on any device), then moved once per epoch.
-    order = torch.randperm(n).to(train.images.device)
+    stop = stop or (lambda: STOP.signum)
+    batches = batches.to(train.images.device)
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
-    for step in range(steps):
-        index = order[step * config["batch_size"] : (step + 1) * config["batch_size"]]
+    for step, index in enumerate(batches):
         x, y = train.images[index], train.labels[index]
         loss, logits = train_step(model, opt, x, y, config, device, bf16, channels_last, normalize)
         sched.step()
@@ -106,7 +124,7 @@ def train_one_epoch(
         bar.update(len(y))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
-        if STOP.signum:
+        if stop():
             raise Interrupted
     return total_loss.item() / seen, correct.item() / seen, seen
 
@@ -144,8 +162,25 @@ class Interrupted(Exception):
 
 
 class STOP:
+    """The signal received (0: none). While `immediate`, the handler raises Interrupted at once
+    (loading data: nothing to save); during training it only sets the flag, which the loop
+    checks between steps, so a checkpoint or a publish is never cut in half."""
+
     signum = 0
+    immediate = True
 
 
 def on_signal(signum, _frame):
+    """SIGINT/SIGTERM handler: remember the signal; raise at once while nothing is at stake."""
     STOP.signum = signum
+    if STOP.immediate:
+        raise Interrupted
+
+
+def replan(sched) -> None:
+    """Apply the scheduler's (new) lambdas at its current step, e.g. after --epochs changed."""
+    pairs = zip(sched.lr_lambdas, sched.base_lrs, strict=True)
+    lrs = [base * f(sched.last_epoch) for f, base in pairs]
+    for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    sched._last_lr = lrs  # what get_last_lr() reports

@@ -14,7 +14,7 @@ import torch
 
 from shared.precision import Choice, candidates, choose
 from trainer.data import Dataset
-from trainer.loop import lr_factor, train_step
+from trainer.loop import train_step
 
 # The recipes. Every value is an option of `python -m trainer` (same name and unit).
 # cpu: the max-pool-free ResNet-18 at batch 128, peak lr 0.1, 2 px crops: the recipe measured
@@ -95,7 +95,7 @@ RECIPE_OPTIONS = [
 
 def device_kind(device_choice: str, cuda_available: bool) -> str:
     """The recipe a --device choice gets: "cuda" or "cpu"."""
-    if device_choice == "cuda" or (device_choice == "auto" and cuda_available):
+    if device_choice.startswith("cuda") or (device_choice == "auto" and cuda_available):
         return "cuda"
     return "cpu"
 
@@ -202,19 +202,33 @@ def plan(config: dict, data: Dataset, step_ms: float, launched: float) -> None:
     )
 
 
-def replan(config, data, sched, steps_per_epoch, epoch_s, launched, run) -> None:
-    """After epoch 1: re-fit the epochs to the budget with the epoch's measured time."""
-    budget = config["budget_plan"]
+def choose_and_plan(net, data: Dataset, config: dict, device, normalize, launched: float) -> dict:
+    """Time the layout and precision choices, say which won, and (with a time budget and no
+    --epochs) plan the epochs; returns the entries to add to config."""
+    choice = measure_training(net, data.train, config, device, normalize)
+    print(f"{choice.precision} {choice.memory_format}: {choice.reason}")
+    updates = choice.as_dict()
+    if config["epochs"] is None:
+        planned = {**config, **updates}
+        plan(
+            planned, data, choice.timings_ms[f"{choice.precision}/{choice.memory_format}"], launched
+        )
+        updates.update(epochs=planned["epochs"], budget_plan=planned["budget_plan"])
+    return updates
+
+
+def replan_epochs(config: dict, epoch_s: float, launched: float) -> int | None:
+    """After epoch 1: the epochs that fit, now that an epoch's real time is known; None when the
+    plan stands (or there is no budget)."""
+    budget = config.get("budget_plan")
+    if not budget:
+        return None
     elapsed = time.time() - launched
-    epochs = 1 + plan_epochs(
-        config["time_budget"], elapsed, epoch_s, budget["finish_seconds_estimate"]
-    )
+    left = plan_epochs(config["time_budget"], elapsed, epoch_s, budget["finish_seconds_estimate"])
+    epochs = 1 + left
     if epochs == config["epochs"]:
-        return
+        return None
     print(
         f"time budget: epoch 1 took {epoch_s:.1f}s -> {epochs} epochs instead of {config['epochs']}"
     )
-    config["epochs"] = budget["epochs_after_epoch_1"] = epochs
-    factor = lr_factor(config, steps_per_epoch)
-    sched.lr_lambdas = [factor for _ in sched.lr_lambdas]
-    run.write_config(config)
+    return epochs

@@ -66,6 +66,19 @@ class RunDir:
                 return run
         raise TrainerError(f"no unfinished run in {runs_dir} to resume")
 
+    @classmethod
+    def newest_of_job(cls, runs_dir: Path, job: str) -> "RunDir | None":
+        """The newest run that torchrun job `job` created or resumed, finished or not."""
+        configs = sorted(Path(runs_dir).glob("*/config.json"), reverse=True)
+        for config in configs:
+            run = cls(config.parent)
+            try:
+                if run.read_config().get("torchrun_job") == job:
+                    return run
+            except ValueError:  # a config.json that is not JSON belongs to no job
+                continue
+        return None
+
     @contextmanager
     def _writing(self, name: str) -> Iterator[None]:
         """Turn a failed write (disk full, read-only folder) into a one-line TrainerError."""
@@ -150,6 +163,9 @@ class RunDir:
         plt.close(fig)
         with self._writing(name):
             atomic_write_bytes(self.path / name, buffer.getvalue())
+
+    def read_result(self) -> dict:
+        return json.loads((self.path / "result.json").read_text())
 
     def write_result(self, result: dict) -> None:
         """result.json marks the run finished."""

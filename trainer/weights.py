@@ -50,7 +50,11 @@ def load_initial_weights(model: nn.Module, weights: str) -> None:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any refusal means the file is unusable
-        raise TrainerError(f"--weights {weights}: not a loadable state_dict ({exc})") from None
+        # Only the exception's name: torch's message spans several lines and advises
+        # weights_only=False, which would run the file's code.
+        raise TrainerError(
+            f"--weights {weights}: not a loadable state_dict ({type(exc).__name__})"
+        ) from None
     if not isinstance(state_dict, dict):
         raise TrainerError(f"--weights {weights}: expected a state_dict, got {type(state_dict)}")
     _load_into(model, state_dict, str(path))

@@ -189,3 +189,20 @@ def test_amp_setting_chooses_the_served_precision(served_models, tmp_path, amp):
     with run_server(models_dir, tmp_path, AMP=amp) as srv:
         wait_ready(srv)
         assert_served_like_in_process(srv, models_dir, version, "fp32" if amp == "off" else "bf16")
+
+
+def test_every_predict_answer_a_model_took_part_in_names_its_version(server, served_models):
+    """X-Model-Version on a success, on per-file errors and on a 422; none on a request error."""
+    _, version = served_models
+    good = ("file", ("a.png", image_bytes()))
+    bad = ("file", ("b.png", b"not an image"))
+    for files, status in [([good], 200), ([good, bad], 200), ([bad, bad], 422)]:
+        response = server.post("/predict", files=files)
+        assert response.status_code == status
+        assert response.headers["X-Model-Version"] == version
+        assert response.json()["model_version"] == version
+    # Refused before any model looked at it: no version to name.
+    response = server.post("/predict", data={"file": "text"})
+    assert response.status_code == 400
+    assert "X-Model-Version" not in response.headers
+    assert "X-Model-Version" not in server.get("/model").headers

@@ -1,144 +1,28 @@
-"""Load for the soak and reload tests: request kinds, a pool of client threads, server memory.
+"""Load and server memory for the soak and reload tests.
 
-Each request kind knows how to send itself and what a correct answer looks like; the pool
-records one Outcome per request, so a test can assert "zero 5xx, zero dropped connections".
+The load itself (request kinds, client threads, outcomes) is bench/traffic.py's, shared with the
+benchmarks; this module adds what only tests measure: the server's processes and memory.
 """
 
 import os
-import random
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
+from bench.traffic import DROPPED, Kind, Load, Outcome, judge, summary, version_of
 
-# A request that got no HTTP answer (reset, refused, timed out) is recorded with this status.
-DROPPED = 0
-CLIENT_TIMEOUT_S = 60  # generous: the machine running CI is shared and slow
-
-
-@dataclass
-class Kind:
-    """One kind of request: how to send it, which statuses are correct, what else to check.
-
-    `send(session, url)` returns the response. `fresh_connection` kinds are sent without the
-    thread's keep-alive session: the server may close the connection after answering them
-    (a 413 leaves the rest of the body unread), which is correct but would race a reused one.
-    """
-
-    name: str
-    weight: float
-    send: Callable[[requests.Session, str], requests.Response]
-    statuses: tuple[int, ...]
-    check: Callable[[requests.Response], str | None] = lambda response: None
-    fresh_connection: bool = False
-
-
-@dataclass
-class Outcome:
-    """What one request got: status (DROPPED if none) and the problem, if any."""
-
-    kind: str
-    status: int
-    problem: str | None
-    started: float
-    seconds: float
-    version: str | None = None
-
-
-@dataclass
-class Load:
-    """`concurrency` threads sending a weighted random mix of `kinds` until stopped."""
-
-    url: str
-    kinds: list[Kind]
-    concurrency: int
-    seed: int = 0
-    outcomes: list[Outcome] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-
-    def start(self) -> "Load":
-        """Start the client threads."""
-        for i in range(self.concurrency):
-            thread = threading.Thread(target=self._client, args=(self.seed + i,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        return self
-
-    def stop(self) -> list[Outcome]:
-        """Let every thread finish its request in flight, then return all outcomes."""
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(CLIENT_TIMEOUT_S + 10)
-        assert not any(t.is_alive() for t in self._threads), "a client thread hung"
-        return self.outcomes
-
-    def _client(self, seed: int) -> None:
-        rng = random.Random(seed)
-        weights = [kind.weight for kind in self.kinds]
-        session = requests.Session()
-        while not self._stop.is_set():
-            kind = rng.choices(self.kinds, weights)[0]
-            started = time.monotonic()
-            try:
-                if kind.fresh_connection:
-                    with requests.Session() as once:
-                        response = kind.send(once, self.url)
-                else:
-                    response = kind.send(session, self.url)
-            except requests.RequestException as exc:
-                outcome = Outcome(kind.name, DROPPED, repr(exc)[:300], started, 0.0)
-                session = requests.Session()  # start over on a clean connection
-            else:
-                outcome = Outcome(
-                    kind.name,
-                    response.status_code,
-                    judge(kind, response),
-                    started,
-                    time.monotonic() - started,
-                    version_of(response),
-                )
-            with self._lock:
-                self.outcomes.append(outcome)
-        session.close()
-
-
-def judge(kind: Kind, response: requests.Response) -> str | None:
-    """None if `response` is a correct answer to a `kind` request, else what is wrong."""
-    if response.status_code not in kind.statuses:
-        return f"status {response.status_code}, expected {kind.statuses}: {response.text[:200]}"
-    if not response.headers.get("Content-Type", "").startswith("application/json"):
-        return f"not JSON: {response.headers.get('Content-Type')}"
-    try:
-        body = response.json()
-    except ValueError:
-        return f"unparseable JSON: {response.text[:200]}"
-    if response.status_code >= 400 and "code" not in body.get("error", {}):
-        return f"error without a code: {response.text[:200]}"
-    return kind.check(response)
-
-
-def version_of(response: requests.Response) -> str | None:
-    """The model_version of a JSON answer, if it has one."""
-    try:
-        return response.json().get("model_version")
-    except ValueError:
-        return None
-
-
-def summary(outcomes: list[Outcome]) -> str:
-    """Counts by kind and status, then the first problems: for assertion messages."""
-    counts = Counter((o.kind, o.status) for o in outcomes)
-    lines = [f"{kind:<22} {status}: {n}" for (kind, status), n in sorted(counts.items())]
-    problems = [f"{o.kind}: {o.problem}" for o in outcomes if o.problem][:8]
-    return "\n".join(lines + ["problems:", *problems])
+__all__ = [  # the shared load, re-exported for the tests that import it from here
+    "DROPPED",
+    "Kind",
+    "Load",
+    "MemorySampler",
+    "Outcome",
+    "judge",
+    "process_tree",
+    "summary",
+    "tree_rss_bytes",
+    "version_of",
+]
 
 
 def _children(pid: int) -> list[int]:

@@ -121,13 +121,13 @@ def test_decompression_bomb_refused_before_decoding():
     ids=["empty", "text", "html", "svg", "random"],
 )
 def test_non_images_raise_image_error(data):
-    with pytest.raises(ImageError):
+    with pytest.raises(ImageError, match="not a recognised image format"):
         load_rgb(data)
 
 
 def test_truncated_jpeg_raises_image_error():
     data = encode(Image.new("RGB", (64, 64), (10, 200, 30)), "JPEG")
-    with pytest.raises(ImageError):
+    with pytest.raises(ImageError, match="corrupt or truncated"):
         load_rgb(data[: len(data) // 2])
 
 

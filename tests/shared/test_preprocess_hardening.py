@@ -1,6 +1,7 @@
 """Decoding limits in shared/preprocess.py that protect every caller (trainer and inference)."""
 
 import io
+import time
 
 import pytest
 from PIL import Image
@@ -23,6 +24,25 @@ def test_resize_crop_handles_extreme_aspect_ratios_cheaply(size):
     out = resize_crop(32)(image)
     assert tuple(out.shape) == (3, 32, 32)
     assert int(out.float().mean().round()) == 128
+
+
+def cpu_seconds_to_prepare(data: bytes) -> float:
+    """CPU time (best of 3) to decode and resize `data` as /predict does at 32 px."""
+    times = []
+    for _ in range(3):
+        start = time.process_time()  # CPU time: other work on the machine does not count
+        resize_crop(32)(load_rgb(data, draft_size=32))
+        times.append(time.process_time() - start)
+    return min(times)
+
+
+@pytest.mark.parametrize("size", [(200_000, 1), (1, 200_000)])
+def test_extreme_aspect_ratio_costs_no_more_than_an_ordinary_image_of_as_many_pixels(size):
+    # Resized on its short side first, 200,000x1 became 6,400,000x32 RGB: 600 MB and about a
+    # second of CPU, against milliseconds for a 447x447 image of the same pixel count.
+    extreme = cpu_seconds_to_prepare(png_bytes(Image.new("L", size, 128)))
+    ordinary = cpu_seconds_to_prepare(png_bytes(Image.new("L", (447, 447), 128)))
+    assert extreme <= 3 * ordinary + 0.05, (extreme, ordinary)
 
 
 def test_resize_crop_leaves_ordinary_aspect_ratios_alone():
@@ -54,5 +74,6 @@ def test_bombs_of_every_format_are_refused_by_their_declared_size(name):
 
 
 def test_png_text_chunk_bomb_is_refused():
-    with pytest.raises(ImageError):
+    # PIL's text-chunk guard raises ValueError ("Decompressed Data Too Large").
+    with pytest.raises(ImageError, match=r"corrupt or truncated \(ValueError\)"):
         load_rgb(png_text_bomb())

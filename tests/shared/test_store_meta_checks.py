@@ -5,25 +5,14 @@ import json
 import pytest
 
 from shared import store
-from shared.classes import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
-from shared.model import build_model
+from tests.conftest import publish_random_model
 
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     """A models folder with one small valid version; returns (models_dir, version)."""
     models_dir = tmp_path_factory.mktemp("models")
-    meta = {
-        "run_id": "test",
-        "arch": "resnet18",
-        "class_names": list(CIFAR10_CLASSES),
-        "image_size": 32,
-        "mean": list(CIFAR10_MEAN),
-        "std": list(CIFAR10_STD),
-        "metrics": {"valid_acc": 0.1},
-        "config": {},
-    }
-    version = store.publish(models_dir, build_model("resnet18", 10).state_dict(), meta)
+    version = publish_random_model(models_dir)
     return models_dir, version
 
 

@@ -5,7 +5,12 @@ import shutil
 import pytest
 
 from shared import store
-from tests.conftest import make_image_folders, publish_random_model, run_trainer
+from tests.conftest import (
+    assert_one_line_error,
+    make_image_folders,
+    publish_random_model,
+    run_trainer,
+)
 from tests.sandbox import permissions_enforced, small_filesystem
 
 FAST = ["--epochs", "1", "--weights", "none", "--batch-size", "16", "--device", "cpu"]
@@ -25,17 +30,6 @@ def snapshot(models_dir) -> dict[str, bytes]:
         for p in sorted(models_dir.rglob("*"))
         if p.is_file()
     }
-
-
-def assert_one_line_error(result, *parts: str) -> None:
-    """Exit 2 and exactly one `error:` line (the last one), naming every part, no traceback."""
-    assert result.returncode == 2, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert result.stderr.rstrip().endswith(errors[0])
-    assert "Traceback" not in result.stderr
-    for part in parts:
-        assert part in errors[0], errors[0]
 
 
 def test_read_only_models_folder_fails_with_one_line_and_keeps_the_model(tmp_path, data):

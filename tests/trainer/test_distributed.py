@@ -1,0 +1,167 @@
+"""The trainer under torchrun on the CPU (gloo): `torchrun --nproc-per-node 2 -m trainer`.
+
+Each rank writes its shard and a sha256 of its weights after every epoch when TRAINER_DEBUG_DIR
+is set (observation only: trainer/distributed.py::debug_record).
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from shared import store
+from tests.conftest import REPO, make_image_folders, run_trainer
+
+# 160 training images, a global batch of 32: 5 steps per epoch, 16 images per rank and step.
+FAST = ["--weights", "none", "--batch-size", "32", "--lr", "0.05", "--device", "cpu"]
+FAST += ["--image-size", "16", "--epochs", "2"]
+pytestmark = pytest.mark.slow
+
+
+def torchrun(*args, nproc=2, launcher=(), env=None, timeout=900, wait=True):
+    """`torchrun --standalone --nproc-per-node N [launcher options] -m trainer ARGS`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc-per-node={nproc}", *launcher, "-m", "trainer", *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if not wait:
+        return subprocess.Popen(
+            command, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+    return subprocess.run(
+        command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def dirs(root):
+    return ["--runs-dir", str(root / "runs"), "--models-dir", str(root / "models")]
+
+
+def metrics(root):
+    (run,) = (root / "runs").iterdir()
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def debug(root, rank, epoch):
+    return json.loads((root / "debug" / f"rank{rank}-epoch{epoch}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_image_folders(root, per_class=16, splits=("train",))
+    return make_image_folders(root, per_class=4, splits=("valid",), seed=1)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, data):
+    """One 2-process run of 2 epochs, with each rank's debug records."""
+    root = tmp_path_factory.mktemp("two")
+    env = {"TRAINER_DEBUG_DIR": str(root / "debug")}
+    result = torchrun("--data-dir", str(data), *FAST, *dirs(root), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root, result
+
+
+def test_two_process_run_publishes_exactly_one_version(two_processes):
+    root, result = two_processes
+    (version,) = store.list_versions(root / "models")
+    assert store.read_latest(root / "models") == version
+    assert result.stdout.count("published model version") == 1  # rank 0 alone speaks
+    assert "2 processes (gloo)" in result.stdout
+    meta = store.read_meta(root / "models", version)
+    assert meta["run_id"] == next((root / "runs").iterdir()).name
+    assert [r["epoch"] for r in metrics(root)] == ["1", "2"]
+
+
+def test_both_ranks_hold_identical_weights_after_every_epoch(two_processes):
+    root, _ = two_processes
+    for epoch in (1, 2):
+        digests = {debug(root, rank, epoch)["weights_sha256"] for rank in (0, 1)}
+        assert len(digests) == 1, epoch
+    # The digest covers the weights: they changed between epochs.
+    assert debug(root, 0, 1)["weights_sha256"] != debug(root, 0, 2)["weights_sha256"]
+
+
+def test_shards_are_disjoint_and_cover_the_training_set(two_processes):
+    root, _ = two_processes
+    orders = []
+    for epoch in (1, 2):
+        shards = [debug(root, rank, epoch)["shard"] for rank in (0, 1)]
+        assert len(shards[0]) == len(shards[1]) == 80  # 5 steps of 16 images each
+        assert not set(shards[0]) & set(shards[1])
+        assert sorted(shards[0] + shards[1]) == list(range(160))
+        orders.append(shards[0])
+    assert orders[0] != orders[1]  # a new permutation every epoch
+
+
+def test_two_processes_follow_one_process_with_the_same_global_batch(tmp_path, data, two_processes):
+    root, _ = two_processes
+    single = run_trainer("--data-dir", str(data), *FAST, *dirs(tmp_path), timeout=900)
+    assert single.returncode == 0, single.stderr
+    one, two = metrics(tmp_path), metrics(root)
+    # The same steps: the same learning rate at every epoch and the same images per epoch.
+    assert [r["lr"] for r in one] == [r["lr"] for r in two]
+    # Not the same numbers: each rank normalizes its 16 images with their own BatchNorm
+    # statistics (one process: 32) and draws its own augmentation. First epoch's train loss
+    # within 15%, both learning (chance: loss 2.3, acc 0.1).
+    loss1, loss2 = float(one[0]["train_loss"]), float(two[0]["train_loss"])
+    assert abs(loss1 - loss2) <= 0.15 * loss1, (one, two)
+    assert float(one[-1]["train_acc"]) > 0.2 and float(two[-1]["train_acc"]) > 0.2, (one, two)
+
+
+def test_killed_rank_is_restarted_and_the_run_resumes_and_publishes_once(tmp_path, data):
+    args = ["--data-dir", str(data), *FAST, "--epochs", "3", *dirs(tmp_path)]
+    env = {"TRAINER_DEBUG_DIR": str(tmp_path / "debug")}
+    proc = torchrun(*args, launcher=["--max-restarts=1"], env=env, wait=False)
+    record = tmp_path / "debug" / "rank1-epoch1.json"
+    deadline = time.time() + 600
+    while not record.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.kill(json.loads(record.read_text())["pid"], signal.SIGKILL)
+    out, err = (s.decode() for s in proc.communicate(timeout=900))
+    assert proc.returncode == 0, out + err
+    (run,) = (tmp_path / "runs").iterdir()
+    resumed = [line for line in out.splitlines() if line.startswith("resuming run")]
+    assert len(resumed) == 1 and resumed[0].startswith(f"resuming run {run.name} after epoch ")
+    assert int(resumed[0].rsplit(" ", 1)[1]) >= 1  # not from scratch
+    assert [r["epoch"] for r in metrics(tmp_path)] == ["1", "2", "3"]
+    (version,) = store.list_versions(tmp_path / "models")
+    assert store.read_meta(tmp_path / "models", version)["run_id"] == run.name
+
+
+def test_global_batch_that_does_not_split_evenly_is_a_one_line_error(tmp_path, data):
+    result = torchrun("--data-dir", str(data), *FAST, "--batch-size", "33", *dirs(tmp_path))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: --batch-size 33 is the global batch: it must be a multiple of the 2 processes"
+    ]
+    assert "Traceback" not in result.stderr.split("ChildFailedError")[0]
+    assert not (tmp_path / "models").exists()
+
+
+def test_sync_bn_on_the_cpu_is_a_one_line_error(tmp_path, data):
+    result = run_trainer("--data-dir", str(data), *FAST, "--sync-bn", "on", *dirs(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --sync-bn needs CUDA (SyncBatchNorm has no CPU kernels)"
+
+
+def test_container_entrypoint_starts_torchrun_for_trainer_nproc():
+    env = {**os.environ, "TRAINER_NPROC": "2", "PATH": f"{REPO}/.venv/bin:{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["sh", "scripts/container-entrypoint.sh", "python", "-m", "trainer", "--help"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("usage: python -m trainer") == 2  # one per process
