@@ -244,7 +244,7 @@ def main(args: argparse.Namespace) -> int:
 
         net = build_model(config["arch"], len(data.class_names))
         if state is None:  # ddp: rank 0's weights; DDP copies them to the other ranks
-            if config["zero_init_residual"] == "on":
+            if config.get("zero_init_residual") == "on":
                 zero_init_residual(net)  # before --weights: loaded weights win
             ddp.on_main(d, load_initial_weights, net, config["weights"])
         else:
@@ -259,12 +259,12 @@ def main(args: argparse.Namespace) -> int:
         bf16 = config["precision"] == "bf16"
         channels_last = config["memory_format"] == "channels_last"
         net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        ema = EMA(net, config["ema"]) if config["ema"] else None
+        ema = EMA(net, config["ema"]) if config.get("ema") else None
         if ema is not None and state is not None:
             ema.load_state_dict(state["ema"])
         model = ddp.wrap_model(net, d, config.get("sync_bn") == "on")  # ddp: DDP(model)
         net = getattr(model, "module", model)
-        if config["compile"] == "on":
+        if config.get("compile") == "on":
             model = torch.compile(model)
         evaluated = ema.model if ema is not None else net  # validated and published
         steps_per_epoch = max(1, len(data.train) // config["batch_size"])
@@ -328,7 +328,7 @@ def main(args: argparse.Namespace) -> int:
                     d,
                     *evaluate(
                         evaluated, valid, device, bf16, normalize,
-                        channels_last=channels_last, tta=config["tta"],
+                        channels_last=channels_last, tta=config.get("tta", "off"),
                     ),
                 )  # fmt: skip
             row = {
