@@ -71,7 +71,7 @@ def test_other_image_size_gets_its_own_cache(data, tmp_path):
     assert len(list(cache.iterdir())) == 2
 
 
-@pytest.mark.parametrize("damage", ["truncate", "foreign", "empty"])
+@pytest.mark.parametrize("damage", ["truncate", "padded", "foreign", "empty"])
 def test_damaged_cache_file_is_reported_in_one_line_and_rebuilt(data, tmp_path, capsys, damage):
     cache = tmp_path / "cache"
     good = load(data, cache)
@@ -79,6 +79,9 @@ def test_damaged_cache_file_is_reported_in_one_line_and_rebuilt(data, tmp_path, 
     size = path.stat().st_size
     if damage == "truncate":
         os.truncate(path, size - 100)
+    elif damage == "padded":
+        with open(path, "ab") as f:
+            f.write(b"\0" * 64)
     elif damage == "foreign":
         path.write_bytes(b"\x93NUMPY" + os.urandom(size))
     else:
