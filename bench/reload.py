@@ -29,9 +29,6 @@ from bench.load import load_images
 from bench.traffic import Load, predict_kind, records
 from shared import store
 
-# model.json keys that publish() writes itself.
-OWN_KEYS = ("format_version", "version", "created_at", "num_classes", "sha256")
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Options."""
@@ -109,7 +106,7 @@ def republish(models_dir: Path) -> str:
     meta = store.read_meta(models_dir, current)
     weights = store.version_dir(models_dir, current) / store.WEIGHTS_FILE
     state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-    meta = {k: v for k, v in meta.items() if k not in OWN_KEYS}
+    meta = {k: v for k, v in meta.items() if k not in store.STORE_KEYS}
     meta["republished_from"] = current
     # Version names sort by the second they are made in: keep successive ones in order.
     while store.new_version_name() <= current:

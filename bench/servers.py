@@ -18,9 +18,9 @@ from pathlib import Path
 import requests
 import torch
 
-from shared import store
 from shared.classes import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from shared.model import build_model
+from shared.stores import open_store
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 120  # importing torch and loading a model on a busy 2-core box
@@ -42,7 +42,7 @@ def gunicorn_command() -> list[str]:
 
 
 def publish_model(
-    models_dir: Path, seed: int = 0, make_latest: bool = True, **meta_overrides
+    models_dir: Path | str, seed: int = 0, make_latest: bool = True, **meta_overrides
 ) -> str:
     """Publish a random-init ResNet-18 (weights fixed by `seed`) and return its version.
 
@@ -64,7 +64,7 @@ def publish_model(
         "config": {"seed": seed},
         **meta_overrides,
     }
-    return store.publish(Path(models_dir), model.state_dict(), meta, make_latest=make_latest)
+    return open_store(models_dir).publish(model.state_dict(), meta, make_latest=make_latest)
 
 
 class Server:
@@ -160,7 +160,7 @@ def _serve(
 
 @contextmanager
 def gunicorn(
-    models_dir: Path,
+    models_dir: Path | str,
     log_dir: Path,
     env: dict[str, str] | None = None,
     wait: str | None = "/health/ready",
@@ -172,7 +172,10 @@ def gunicorn(
     port = free_port()
     full_env = {
         **os.environ,
-        "MODELS_DIR": str(Path(models_dir).resolve()),
+        # A folder is made absolute (the server runs from the repo root); s3:// passes as is.
+        "MODELS_DIR": str(Path(models_dir).resolve())
+        if isinstance(models_dir, Path)
+        else models_dir,
         "PORT": str(port),
         "BIND_ADDRESS": "127.0.0.1",
         **(env or {}),

@@ -8,6 +8,7 @@ neither torch nor the app (shared.device checks DEVICE names without torch).
 import ipaddress
 import math
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -70,7 +71,16 @@ def _address(text: str) -> str:
 # name: (default, parser, meaning). Every entry is also read from the environment variable of
 # the same name; README.md (Inference service, Settings) documents the same table.
 SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
-    "MODELS_DIR": ("./volumes/models", str, "model store folder to serve from"),
+    "MODELS_DIR": (
+        "./volumes/models",
+        str,
+        "model store to serve from: a folder or s3://bucket/prefix (AWS_* variables)",
+    ),
+    "MODEL_CACHE_DIR": (
+        os.path.join(tempfile.gettempdir(), "model-cache"),
+        str,
+        "folder keeping weights downloaded from an s3:// store, by sha256",
+    ),
     "DEVICE": ("auto", check_device_name, f"{DEVICE_NAMES}; auto: cuda when available"),
     "AMP": (
         "auto",
@@ -92,7 +102,7 @@ SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
     ),
     "MAX_UPLOAD_MB": (10.0, _positive(float), "largest request body, MiB (413 above)"),
     "MAX_FILES": (64, _positive(int), "most `file` parts in one request (413 above)"),
-    "MODEL_POLL_SECONDS": (2.0, _positive(float), "seconds between reads of MODELS_DIR/LATEST"),
+    "MODEL_POLL_SECONDS": (2.0, _positive(float), "seconds between reads of LATEST in MODELS_DIR"),
     "TOP_K": (0, _non_negative(int), "top_k used when a request has no ?top_k= (0: no list)"),
     "BATCH_MAX_IMAGES": (64, _positive(int), "images per forward pass before a batch closes"),
     "BATCH_WAIT_MS": (

@@ -1,10 +1,11 @@
 """The served model: background reload from the model store, warm-up, atomic swap, prediction.
 
-A `ModelHolder` polls MODELS_DIR/LATEST. A new version is loaded by shared.store.load_version
+A `ModelHolder` polls MODELS_DIR/LATEST. A new version is loaded by the store's load_version
 (sha256 checked, weights_only=True), warmed up with one forward pass, then published by a
 single reference assignment: requests that already hold the old `ServedModel` finish on it,
 and it is freed when the last of them lets go. A version that fails is never served, and is not
-tried again until LATEST names something else.
+tried again until LATEST names something else. An unreachable store is not a refusal: the
+current model keeps serving, `store_error` says why, and the next poll tries again.
 """
 
 import gc
@@ -24,7 +25,8 @@ from shared.device import resolve_device, usable_cpu_count
 from shared.model import for_inference
 from shared.precision import Choice, measure_serving, memory_format
 from shared.preprocess import load_rgb, normalize_batch, resize_crop
-from shared.store import LoadedModel, StoreError, load_version, read_latest
+from shared.store import LoadedModel, StoreError, StoreUnreachable
+from shared.stores import open_store
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +105,16 @@ class ModelHolder:
 
     def __init__(
         self,
-        models_dir: Path,
+        models_dir: str | Path,
         device: str,
         poll_seconds: float,
         amp: str = "auto",
+        cache_dir: str | Path | None = None,
         channels_last: str = "auto",
         tta: str = "auto",
     ) -> None:
-        self.models_dir = Path(models_dir)
+        self.store = open_store(models_dir, cache_dir=cache_dir)
+        self.models_dir = self.store.location
         self.device_name = device
         self.amp = amp
         self.channels_last = channels_last
@@ -119,6 +123,8 @@ class ModelHolder:
         self.current: ServedModel | None = None  # replaced, never mutated: reads need no lock
         self.latest: str | None = None  # what LATEST said at the last poll
         self.last_error: dict[str, Any] | None = None
+        # Why the last poll could not reach the store (None: it answered), since when.
+        self.store_error: dict[str, Any] | None = None
         self._attempted: str | None = None  # the LATEST value last loaded or refused
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
@@ -174,16 +180,27 @@ class ModelHolder:
         )
         return ServedModel(loaded, choice.bf16, choice.channels_last, tta, choice.reason)
 
+    def _unreachable(self, exc: StoreUnreachable) -> None:
+        if self.store_error is None:
+            log.warning("model store unreachable: %s; still serving what is loaded", exc)
+            self.store_error = {"message": str(exc), "since": now_iso()}
+        else:
+            self.store_error["message"] = str(exc)
+
     def poll_once(self) -> bool:
         """Read LATEST and, if it names a version not yet tried, load and swap; True if swapped."""
         with self._poll_lock:
             try:
-                latest = read_latest(self.models_dir)
+                latest = self.store.read_latest()
+            except StoreUnreachable as exc:
+                self._unreachable(exc)
+                return False
             except StoreError as exc:
                 if self._attempted != f"!{exc}":
                     self._attempted = f"!{exc}"
                     self._refuse(None, str(exc))
                 return False
+            self.store_error = None
             self.latest = latest
             if latest is None or latest == self._attempted:
                 return False
@@ -193,9 +210,13 @@ class ModelHolder:
                 return False
             try:
                 device = resolve_device(self.device_name)
-                loaded = load_version(self.models_dir, latest, device)
+                loaded = self.store.load_version(latest, device)
                 served = self._prepare(loaded, device)
                 served.warm_up()
+            except StoreUnreachable as exc:
+                self._attempted = None  # not the version's fault: try it again next poll
+                self._unreachable(exc)
+                return False
             except StoreError as exc:
                 self._refuse(latest, str(exc))
                 return False
@@ -229,6 +250,7 @@ class Predictor:
             config["DEVICE"],
             config["MODEL_POLL_SECONDS"],
             config["AMP"],
+            config["MODEL_CACHE_DIR"],
             config["CHANNELS_LAST"],
             config["TTA"],
         )

@@ -247,7 +247,9 @@ def model_info() -> ResponseReturnValue:
             "precision_reason": served.precision_reason if served else None,
             "tta": served.tta if served else None,
             "latest": holder.latest,
-            "models_dir": str(holder.models_dir),
+            "models_dir": holder.models_dir,
+            "store_reachable": holder.store_error is None,
+            "store_error": holder.store_error,
             "last_error": holder.last_error,
             "model": served.loaded.meta if served else None,
         }

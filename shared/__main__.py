@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from shared import store
+from shared.stores import Store, open_store
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -13,7 +14,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--models-dir",
         default=str(store.default_models_dir()),
-        help="model store folder (env MODELS_DIR; default ./volumes/models)",
+        help="model store: a folder or s3://bucket/prefix (env MODELS_DIR; default volumes/models)",
     )
     verbs = parser.add_subparsers(dest="verb", required=True)
     verbs.add_parser(
@@ -50,21 +51,23 @@ def accuracy(meta: dict) -> str:
     return "-"
 
 
-def list_store(models_dir: str) -> None:
+def list_store(models: Store) -> None:
     """Print every version, oldest first, including the ones that cannot be read (and why)."""
-    versions = store.version_folders(models_dir)
+    versions = models.version_names()
     if not versions:
-        print(f"no versions in {models_dir}")
+        print(f"no versions in {models}")
         return
     try:
-        latest = store.read_latest(models_dir)
+        latest = models.read_latest()
+    except store.StoreUnreachable:
+        raise
     except store.StoreError as exc:
         latest = None
         print(f"! {exc}")
     for version in versions:
         mark = "*" if version == latest else " "
         try:
-            meta = store.read_meta(models_dir, version)
+            meta = models.read_meta(version)
         except store.StoreError as exc:
             print(f"{mark} {version}  unreadable: {str(exc).removeprefix(version + ': ')}")
             continue
@@ -74,15 +77,16 @@ def list_store(models_dir: str) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run one store verb; a user's mistake prints one line and returns 2."""
     try:
+        models = open_store(args.models_dir)
         if args.verb == "list":
-            list_store(args.models_dir)
+            list_store(models)
         elif args.verb == "promote":
-            store.set_latest(args.models_dir, args.version)
+            models.set_latest(args.version)
             print(f"LATEST -> {args.version}")
         elif args.verb == "rollback":
-            print(f"LATEST -> {store.rollback(args.models_dir)}")
+            print(f"LATEST -> {models.rollback()}")
         elif args.verb == "prune":
-            removed = store.prune(args.models_dir, args.keep, dry_run=args.dry_run)
+            removed = models.prune(args.keep, dry_run=args.dry_run)
             verb = "would remove" if args.dry_run else "removed"
             for name in removed:
                 print(f"{verb} {name}")
@@ -91,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
         elif args.verb == "export":
             from shared.export import export_onnx  # imports onnx: only for this verb
 
-            meta = export_onnx(args.models_dir, args.version, Path(args.onnx))
+            meta = export_onnx(models, args.version, Path(args.onnx))
             print(
                 f"{args.onnx}: {args.version}, input float32 (batch, 3, {meta['image_size']}, "
                 f"{meta['image_size']}): RGB scaled to [0, 1], then (x - mean) / std with "

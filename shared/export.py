@@ -16,6 +16,7 @@ import onnx
 import torch
 
 from shared import store
+from shared.stores import Store
 
 # ONNX opset 17: read by every onnxruntime since 1.14 (2023).
 OPSET = 17
@@ -26,9 +27,9 @@ PREPROCESSING = (
 )
 
 
-def export_onnx(models_dir: Path, version: str, path: Path) -> dict:
+def export_onnx(models: Store, version: str, path: Path) -> dict:
     """Write `version` to `path` as one ONNX file (atomically); return the version's model.json."""
-    loaded = store.load_version(models_dir, version)  # the checked loader, like the server
+    loaded = models.load_version(version)  # the checked loader, like the server
     meta = loaded.meta
     size = meta["image_size"]
     buffer = io.BytesIO()

@@ -22,6 +22,7 @@ import secrets
 import shutil
 import stat
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,6 +68,10 @@ class StoreError(Exception):
     """A model store operation failed; the message names the cause."""
 
 
+class StoreUnreachable(StoreError):
+    """The store did not answer (network, server down): worth retrying, unlike a bad version."""
+
+
 @dataclass
 class LoadedModel:
     """A published version turned into an eval-mode model on a device."""
@@ -90,9 +95,12 @@ def new_version_name(now: datetime | None = None) -> str:
 
 def _next_version_name(models_dir: Path) -> str:
     """A new name that sorts after every version already in the store (rollback relies on it)."""
-    newest = max(
-        (p.name for p in Path(models_dir).iterdir() if VERSION_RE.match(p.name)), default=""
-    )
+    return version_name_after(p.name for p in Path(models_dir).iterdir())
+
+
+def version_name_after(names: Iterable[str]) -> str:
+    """A new version name that sorts after every version name among `names`."""
+    newest = max((name for name in names if VERSION_RE.match(name)), default="")
     while True:
         name = new_version_name()
         # Same millisecond as the newest (or a clock step back): wait for the clock to pass it.
@@ -132,11 +140,40 @@ def atomic_write_json(path: Path, obj: dict) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """torch.save through a temporary file: a crash never leaves a half-written checkpoint."""
+def torch_bytes(obj: object) -> bytes:
+    """What torch.save writes for `obj`."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """torch.save through a temporary file: a crash never leaves a half-written checkpoint."""
+    atomic_write_bytes(path, torch_bytes(obj))
+
+
+def weights_bytes(state_dict: dict) -> bytes:
+    """The model.pt bytes of a state_dict: its tensors, detached, on the CPU."""
+    return torch_bytes({k: v.detach().cpu() for k, v in state_dict.items()})
+
+
+def check_publish_meta(meta: dict) -> None:
+    """Refuse a publisher's `meta` that sets the keys publish writes itself (STORE_KEYS)."""
+    reserved = [key for key in STORE_KEYS if key in meta]
+    if reserved:
+        raise StoreError(f"meta may not set {', '.join(reserved)}: publish writes them itself")
+
+
+def full_meta(version: str, meta: dict, sha256: str) -> dict:
+    """The model.json of a new version: the publisher's `meta` plus what the store adds."""
+    return {
+        **meta,
+        "format_version": FORMAT_VERSION,
+        "version": version,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "num_classes": len(meta["class_names"]),
+        "sha256": sha256,
+    }
 
 
 def sha256_file(path: Path) -> str:
@@ -241,14 +278,18 @@ def set_latest(models_dir: Path, version: str) -> None:
 
 def rollback(models_dir: Path) -> str:
     """Point LATEST at the version published before the current one; return it."""
-    versions = list_versions(models_dir)
-    current = read_latest(models_dir)
+    target = rollback_target(list_versions(models_dir), read_latest(models_dir), models_dir)
+    set_latest(models_dir, target)
+    return target
+
+
+def rollback_target(versions: list[str], current: str | None, where: object) -> str:
+    """The version before `current` among `versions` (oldest first), or StoreError."""
     if not versions:
-        raise StoreError(f"no versions in {models_dir}: nothing to roll back to")
+        raise StoreError(f"no versions in {where}: nothing to roll back to")
     older = [v for v in versions if current is None or v < current]
     if not older:
         raise StoreError(f"{current} is the oldest version: nothing older to roll back to")
-    set_latest(models_dir, older[-1])
     return older[-1]
 
 
@@ -323,30 +364,38 @@ def prune(models_dir: Path, keep: int, dry_run: bool = False) -> list[str]:
     """Remove all but the newest `keep` complete versions, never the one LATEST names, and the
     temporary folders of killed publishers; return the names removed (with `dry_run`, would be).
     """
-    if keep < 0:
-        raise StoreError(f"keep must be 0 or more, not {keep}")
     models_dir = Path(models_dir)
-    latest = read_latest(models_dir)  # an unreadable LATEST stops here: nothing is removed
-    versions = list_versions(models_dir)
-    kept = set(versions[len(versions) - keep :] if keep else []) | {latest}
+    # An unreadable LATEST stops here: nothing is removed.
+    doomed = versions_to_prune(list_versions(models_dir), read_latest(models_dir), keep)
     removed = []
     try:
-        for version in versions:
-            if version in kept:
-                continue
+        for version in doomed:
             # Re-read LATEST right before each removal: a promote may have moved it meanwhile.
             if not dry_run and read_latest(models_dir) != version:
                 # Out of sight first (atomic): a prune killed mid-way leaves a temporary
-                # folder for the next clean-up, never half a version.
-                hidden = models_dir / f"{TMP_PREFIX}{version}"
-                os.rename(models_dir / version, hidden)
-                shutil.rmtree(hidden)
+                # folder for the next clean-up, never half a version. Locked, so that a
+                # publisher's clean-up does not remove it at the same time.
+                lock = _lock_folder(models_dir / version, block=True)
+                try:
+                    hidden = models_dir / f"{TMP_PREFIX}{version}"
+                    os.rename(models_dir / version, hidden)
+                    shutil.rmtree(hidden)
+                finally:
+                    os.close(lock)
             if dry_run or not (models_dir / version).exists():
                 removed.append(version)
         removed += remove_stale_temp_folders(models_dir, dry_run=dry_run)
     except OSError as exc:
         raise StoreError(f"cannot prune {models_dir}: {exc.strerror or exc}") from None
     return removed
+
+
+def versions_to_prune(versions: list[str], latest: str | None, keep: int) -> list[str]:
+    """The versions (oldest first) a prune keeping the newest `keep` removes: never LATEST's."""
+    if keep < 0:
+        raise StoreError(f"keep must be 0 or more, not {keep}")
+    kept = set(versions[len(versions) - keep :] if keep else []) | {latest}
+    return [v for v in versions if v not in kept]
 
 
 def _latest_may_name(models_dir: Path, version: str) -> bool:
@@ -365,9 +414,7 @@ def publish(models_dir: Path, state_dict: dict, meta: dict, make_latest: bool = 
     already names it (the folder sync after moving LATEST failed): a served version stays.
     `meta` may not set the keys publish writes itself (STORE_KEYS).
     """
-    reserved = [key for key in STORE_KEYS if key in meta]
-    if reserved:
-        raise StoreError(f"meta may not set {', '.join(reserved)}: publish writes them itself")
+    check_publish_meta(meta)
     models_dir = Path(models_dir)
     tmp: Path | None = None
     lock: int | None = None
@@ -378,16 +425,8 @@ def publish(models_dir: Path, state_dict: dict, meta: dict, make_latest: bool = 
             remove_stale_temp_folders(models_dir)
         version, tmp, lock = _new_locked_temp_folder(models_dir)
         weights = tmp / WEIGHTS_FILE
-        atomic_torch_save({k: v.detach().cpu() for k, v in state_dict.items()}, weights)
-        full_meta = {
-            **meta,
-            "format_version": FORMAT_VERSION,
-            "version": version,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "num_classes": len(meta["class_names"]),
-            "sha256": sha256_file(weights),
-        }
-        atomic_write_json(tmp / META_FILE, full_meta)
+        atomic_write_bytes(weights, weights_bytes(state_dict))
+        atomic_write_json(tmp / META_FILE, full_meta(version, meta, sha256_file(weights)))
         os.rename(tmp, models_dir / version)
         renamed = True
         _fsync_dir(models_dir)
@@ -417,8 +456,17 @@ def read_meta(models_dir: Path, version: str) -> dict:
     """Read and validate a version's model.json."""
     path = version_dir(models_dir, version) / META_FILE
     try:
-        meta = json.loads(read_store_file(path, MAX_META_BYTES).decode("utf-8"))
-    except (OSError, ValueError) as exc:
+        data = read_store_file(path, MAX_META_BYTES)
+    except OSError as exc:
+        raise StoreError(f"{version}: unreadable {META_FILE} ({exc})") from None
+    return parse_meta(version, data)
+
+
+def parse_meta(version: str, data: bytes) -> dict:
+    """Validate the bytes of `version`'s model.json (every store's readers use this check)."""
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except ValueError as exc:
         raise StoreError(f"{version}: unreadable {META_FILE} ({exc})") from None
     if not isinstance(meta, dict):
         raise StoreError(f"{version}: {META_FILE} is not an object")
@@ -467,6 +515,13 @@ def load_version(models_dir: Path, version: str, device: str | torch.device = "c
         data = read_store_file(weights, MAX_WEIGHTS_BYTES)
     except OSError as exc:
         raise StoreError(f"{version}: cannot read {WEIGHTS_FILE} ({exc.strerror})") from None
+    return model_from_bytes(version, meta, data, device)
+
+
+def model_from_bytes(
+    version: str, meta: dict, data: bytes, device: str | torch.device = "cpu"
+) -> LoadedModel:
+    """The model from model.pt's bytes and the validated meta: sha256, weights_only, strict fit."""
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise StoreError(f"{version}: sha256 of {WEIGHTS_FILE} does not match {META_FILE}")
     try:

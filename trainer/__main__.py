@@ -14,6 +14,7 @@ from shared.classes import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_ST
 from shared.device import DEVICE_NAMES, DeviceError, check_device_name
 from shared.model import ARCHS, build_model
 from shared.preprocess import normalize_batch
+from shared.stores import open_store
 from trainer import TrainerError
 from trainer import distributed as ddp
 from trainer.data import Dataset, load_folders, load_torchvision
@@ -89,7 +90,8 @@ OPTIONS = [
     ("--valid-ratio", "VALID_RATIO", float, "0.1", None,
      "share of each class held out for validation when there is no valid/ folder (0: train "
      "on every image, no validation, publish the last epoch)"),
-    ("--models-dir", "MODELS_DIR", str, "volumes/models", None, "model store to publish into"),
+    ("--models-dir", "MODELS_DIR", str, "volumes/models", None,
+     "model store to publish into: a folder or s3://bucket/prefix (AWS_* variables)"),
     ("--runs-dir", "RUNS_DIR", str, "volumes/runs", None, "where run folders are written"),
     ("--sync-bn", "SYNC_BN", str, "off", ["off", "on"],
      "on: BatchNorm statistics over the global batch under torchrun (CUDA only); off: per "
@@ -396,7 +398,7 @@ def main(args: argparse.Namespace) -> int:
         )  # fmt: skip
         if ddp.agree_stop(d):  # a signal during the test evaluation: nothing published
             raise Interrupted
-        version = ddp.on_main(d, publish_once, Path(args.models_dir), run, net, meta)
+        version = ddp.on_main(d, publish_once, open_store(args.models_dir), run, net, meta)
     except Interrupted:
         done = history[-1]["epoch"] if run and history else 0
         saved = (

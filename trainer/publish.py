@@ -1,8 +1,7 @@
 """The end of a run: the best weights, evaluated on test/ when there is one, published once."""
 
-from pathlib import Path
-
 from shared import store
+from shared.stores import Store
 from trainer import TrainerError
 from trainer.loop import evaluate
 
@@ -47,24 +46,27 @@ def best_model_meta(
     return meta
 
 
-def published_version(models_dir: Path, run_id: str) -> str | None:
+def published_version(models: Store, run_id: str) -> str | None:
     """The version run_id already published, if any (found by model.json's run_id)."""
-    for version in reversed(store.list_versions(models_dir)):
+    for version in reversed(models.list_versions()):
         try:
-            if store.read_meta(models_dir, version).get("run_id") == run_id:
+            if models.read_meta(version).get("run_id") == run_id:
                 return version
         except store.StoreError:  # someone else's broken version is not ours
             continue
     return None
 
 
-def publish_once(models_dir: Path, run, net, meta: dict) -> str:
+def publish_once(models: Store, run, net, meta: dict) -> str:
     """Publish net unless this run already did (a torchrun restart after the publish, or a
     kill between publishing and result.json), mark the run finished, return the version."""
-    version = published_version(models_dir, run.run_id)
+    try:
+        version = published_version(models, run.run_id)
+    except store.StoreError as exc:
+        raise TrainerError(f"{exc}; the run's best weights stay in {run.path}/best.pt") from None
     if version is None:
         try:
-            version = store.publish(models_dir, net.state_dict(), meta)
+            version = models.publish(net.state_dict(), meta)
         except store.StoreError as exc:
             raise TrainerError(
                 f"{exc}; the run's best weights stay in {run.path}/best.pt"

@@ -9,7 +9,7 @@ import pytest
 from tests.inference.serving import image_bytes, publish_model, run_server, wait_ready
 
 THREADS = 4
-CLIENT_TIMEOUT_S = 3
+CLIENT_TIMEOUT_S = 5
 STALLED_HEAD = (
     b"POST /predict HTTP/1.1\r\nHost: test\r\n"
     b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
@@ -56,7 +56,7 @@ def test_stalled_uploads_time_out_with_408_and_hold_a_thread_at_most_the_client_
         # As many as threads: each holds its thread until CLIENT_TIMEOUT_S, no longer, so the
         # normal request waits that long at most (a known limit: docs/reliability.md).
         waited = seconds_to_answer_while_stalled(server, THREADS)
-        assert waited < CLIENT_TIMEOUT_S + 2, f"answered after {waited:.1f} s"
+        assert waited < CLIENT_TIMEOUT_S + 3, f"answered after {waited:.1f} s"
 
 
 @pytest.mark.slow

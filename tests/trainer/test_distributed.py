@@ -119,9 +119,10 @@ def test_killed_rank_is_restarted_and_the_run_resumes_and_publishes_once(tmp_pat
     args = ["--data-dir", str(data), *FAST, "--epochs", "3", *dirs(tmp_path)]
     env = {"TRAINER_DEBUG_DIR": str(tmp_path / "debug")}
     proc = torchrun(*args, launcher=["--max-restarts=1"], env=env, wait=False)
+    # Once rank 0 has saved epoch 1 (metrics.csv is written after last.pt), kill rank 1.
     record = tmp_path / "debug" / "rank1-epoch1.json"
     deadline = time.time() + 600
-    while not record.exists():
+    while not (record.exists() and list((tmp_path / "runs").glob("*/metrics.csv"))):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
     os.kill(json.loads(record.read_text())["pid"], signal.SIGKILL)

@@ -1,4 +1,8 @@
-"""A real HAProxy run from deploy/haproxy/haproxy.cfg, with loopback replicas as its servers."""
+"""HAProxy from deploy/haproxy/haproxy.cfg in front of loopback replicas: tests and benchmarks.
+
+The config is the deployed file with its one server-template line (Docker DNS discovery)
+replaced by one `server` line per replica port, nothing else changed.
+"""
 
 import os
 import shutil
@@ -10,20 +14,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
-from tests.inference.serving import REPO, free_port
+from bench.servers import REPO, free_port
 
 CONFIG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 START_TIMEOUT_S = 10
 
 
 def render_config(ports: list[int]) -> str:
-    """deploy/haproxy/haproxy.cfg with its one server-template line (Docker DNS discovery)
-    replaced by one server per port on 127.0.0.1, named as the template names them."""
+    """deploy/haproxy/haproxy.cfg with one server per port on 127.0.0.1, named as the
+    server-template names them (inference1, inference2, ...)."""
     lines = CONFIG.read_text().splitlines()
     templates = [i for i, line in enumerate(lines) if line.split()[:1] == ["server-template"]]
-    assert len(templates) == 1, f"{CONFIG} should have exactly one server-template line"
+    if len(templates) != 1:
+        raise ValueError(f"{CONFIG} should have exactly one server-template line")
     line = lines[templates[0]]
     indent = line[: len(line) - len(line.lstrip())]
     prefix = line.split()[1]
@@ -35,7 +38,7 @@ def haproxy_binary() -> str:
     """The haproxy executable (Debian's package; .ci/run installs it)."""
     binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
     if not Path(binary).exists():
-        pytest.fail("haproxy is not installed: apt-get install haproxy (.ci/run does)")
+        raise RuntimeError("haproxy is not installed: apt-get install haproxy (.ci/run does)")
     return binary
 
 
@@ -54,8 +57,9 @@ class Balancer:
 
 
 @contextmanager
-def run_balancer(ports: list[int], work_dir: Path) -> Iterator[Balancer]:
-    """Start HAProxy in front of 127.0.0.1:`ports` on a free port; stop it afterwards."""
+def haproxy(ports: list[int], work_dir: Path) -> Iterator[Balancer]:
+    """HAProxy on a free loopback port in front of 127.0.0.1:`ports`; stopped afterwards."""
+    work_dir.mkdir(parents=True, exist_ok=True)
     config = work_dir / "haproxy.cfg"
     config.write_text(render_config(ports))
     port = free_port()
@@ -63,8 +67,9 @@ def run_balancer(ports: list[int], work_dir: Path) -> Iterator[Balancer]:
     checked = subprocess.run(
         [haproxy_binary(), "-c", "-f", str(config)], env=env, capture_output=True, text=True
     )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    log_path = work_dir / "haproxy.log"
+    if checked.returncode != 0:
+        raise RuntimeError(f"haproxy -c refused the config:\n{checked.stdout}{checked.stderr}")
+    log_path = work_dir / f"haproxy-{port}.log"
     with open(log_path, "wb") as log:
         # -db: foreground, logs to stdout (the config's `log stdout`).
         proc = subprocess.Popen(
@@ -75,13 +80,15 @@ def run_balancer(ports: list[int], work_dir: Path) -> Iterator[Balancer]:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"haproxy exited with {proc.returncode}\n{balancer.log()[-3000:]}")
+                raise RuntimeError(f"haproxy exited with {proc.returncode}\n{balancer.log()}")
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    pytest.fail(f"haproxy did not listen on {port}\n{balancer.log()[-3000:]}")
+                    raise RuntimeError(
+                        f"haproxy not listening on {port}\n{balancer.log()}"
+                    ) from None
                 time.sleep(0.05)
         yield balancer
     finally:
