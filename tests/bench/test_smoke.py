@@ -124,7 +124,7 @@ def test_gpu_bench_cpu_smoke_runs_every_step_and_writes_one_json(tmp_path):
         env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
