@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format e2e data bench clean
+.PHONY: install test lint format e2e data bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -47,6 +47,12 @@ bench: install data
 		--images volumes/data/cifar10/train --inprocess --baseline
 	$(PY) -m bench.reload
 	$(PY) -m bench.report
+
+# Every GPU figure in one run (at most 8 minutes), on the lent GPU machine's own python3: no
+# venv there; Flask and Gunicorn come from .whl/, the data from .data/ (docs/benchmarks.md).
+GPU_PY ?= python3
+bench-gpu:
+	$(GPU_PY) -m bench.gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

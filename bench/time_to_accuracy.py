@@ -35,7 +35,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     a = p.add_argument
     add_data_dir(p)
-    a("--epochs", type=int, default=4, help="trainer --epochs (default %(default)s)")
+    a(
+        "--epochs",
+        type=int,
+        default=4,
+        help="trainer --epochs; 0: none given, the device's recipe and its time budget decide "
+        "(default %(default)s)",
+    )
     a(
         "--device",
         type=check_device_name,
@@ -81,7 +87,8 @@ def main(args: argparse.Namespace) -> int:
     runs_dir.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in runs_dir.iterdir()}
     command = [sys.executable, "-m", "trainer", "--data-dir", str(data_dir), "--weights", "none"]
-    command += ["--device", args.device, "--epochs", str(args.epochs), "--seed", str(args.seed)]
+    command += ["--device", args.device, "--seed", str(args.seed)]
+    command += ["--epochs", str(args.epochs)] if args.epochs else []
     command += ["--runs-dir", str(runs_dir), "--models-dir", str(models_dir), *args.trainer_args]
     result = header("time_to_accuracy")
     print("running:", " ".join(command), flush=True)

@@ -210,6 +210,7 @@ def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     # The trainer's own parser: every hyperparameter not given here is the default recipe's.
     flags = ["--data-dir", str(data_dir), "--weights", "none", "--amp", args.amp]
+    flags += ["--device", device.type]  # the device's recipe (trainer/recipe.py)
     for flag, value in (
         ("--arch", args.arch),
         ("--batch-size", args.batch_size),
@@ -218,6 +219,8 @@ def main(args: argparse.Namespace) -> int:
         if value is not None:
             flags += [flag, str(value)]
     config = vars(trainer_args(flags))
+    # The recipe leaves the epochs to its time budget; the schedule's length costs nothing here.
+    config["epochs"] = config["epochs"] or 1
     bf16 = use_bf16(config["amp"], device)
     result = header("train_throughput")
     torch.manual_seed(0)

@@ -85,7 +85,20 @@ SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
     "AMP": (
         "auto",
         _choice("auto", "bf16", "off"),
-        "bf16 weights for the forward pass; auto: on for cuda and CPUs with bf16 units",
+        "bf16 weights for the forward pass; auto: bf16 or fp32, whichever is faster, timed at "
+        "each model load (fp32 on CPUs without bf16 units)",
+    ),
+    "CHANNELS_LAST": (
+        "auto",
+        _choice("auto", "on", "off"),
+        "memory layout of the forward pass: on (channels_last), off (contiguous), auto: the "
+        "faster, timed at each model load",
+    ),
+    "TTA": (
+        "auto",
+        _choice("auto", "off"),
+        "test-time augmentation: auto applies what model.json names (hflip: mean of the image "
+        "and its mirror, as the published accuracy), off never",
     ),
     "MAX_UPLOAD_MB": (10.0, _positive(float), "largest request body, MiB (413 above)"),
     "MAX_FILES": (64, _positive(int), "most `file` parts in one request (413 above)"),

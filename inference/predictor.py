@@ -22,7 +22,8 @@ import torch
 from inference import metrics
 from inference.batcher import MicroBatcher
 from shared.device import resolve_device, usable_cpu_count
-from shared.model import for_inference, use_bf16
+from shared.model import for_inference
+from shared.precision import Choice, measure_serving, memory_format
 from shared.preprocess import load_rgb, normalize_batch, resize_crop
 from shared.store import LoadedModel, StoreError, StoreUnreachable
 from shared.stores import open_store
@@ -41,6 +42,11 @@ class ServedModel:
 
     loaded: LoadedModel
     bf16: bool = False
+    channels_last: bool = True
+    # "hflip": average each image's probabilities with its mirror's, as the published accuracy
+    # did (model.json "tta"); "off" otherwise.
+    tta: str = "off"
+    precision_reason: str = ""
     loaded_at: str = field(default_factory=now_iso)
 
     def __post_init__(self) -> None:
@@ -53,13 +59,19 @@ class ServedModel:
         # BatchNorm folded into the convs, channels_last, bf16 weights when asked: the same
         # classes for less work per pass (shared.model.for_inference). The serving copy takes
         # the loaded model's place: keeping both would hold every served version twice.
-        self.loaded.model = for_inference(self.loaded.model, bf16=self.bf16)
+        self.loaded.model = for_inference(self.loaded.model, self.bf16, self.channels_last)
         self._dtype = torch.bfloat16 if self.bf16 else torch.float32
+        self._format = memory_format(self.channels_last)
 
     @property
     def precision(self) -> str:
         """The dtype the served weights compute in: "bf16" or "fp32"."""
         return "bf16" if self.bf16 else "fp32"
+
+    @property
+    def memory_format(self) -> str:
+        """The layout of the served weights and inputs: "channels_last" or "contiguous"."""
+        return "channels_last" if self.channels_last else "contiguous"
 
     @property
     def version(self) -> str:
@@ -75,8 +87,11 @@ class ServedModel:
         with torch.inference_mode():
             # Move uint8 (4x smaller than float) to the device, normalize there.
             x = self._normalize(images.to(self.loaded.device, non_blocking=True))
-            x = x.to(self._dtype).contiguous(memory_format=torch.channels_last)
-            return self.loaded.model(x).float().softmax(dim=1).cpu()
+            x = x.to(self._dtype).contiguous(memory_format=self._format)
+            probs = self.loaded.model(x).float().softmax(dim=1)
+            if self.tta == "hflip":
+                probs = (probs + self.loaded.model(x.flip(3)).float().softmax(dim=1)) / 2
+            return probs.cpu()
 
     def warm_up(self) -> None:
         """Run one forward pass; raise StoreError if the output is not what the meta promises."""
@@ -95,11 +110,15 @@ class ModelHolder:
         poll_seconds: float,
         amp: str = "auto",
         cache_dir: str | Path | None = None,
+        channels_last: str = "auto",
+        tta: str = "auto",
     ) -> None:
         self.store = open_store(models_dir, cache_dir=cache_dir)
         self.models_dir = self.store.location
         self.device_name = device
         self.amp = amp
+        self.channels_last = channels_last
+        self.tta = tta
         self.poll_seconds = poll_seconds
         self.current: ServedModel | None = None  # replaced, never mutated: reads need no lock
         self.latest: str | None = None  # what LATEST said at the last poll
@@ -145,6 +164,22 @@ class ModelHolder:
         self.last_error = {"version": version, "message": message, "at": now_iso()}
         metrics.MODEL_RELOADS.labels("refused").inc()
 
+    def _prepare(self, loaded: LoadedModel, device: torch.device) -> ServedModel:
+        """The serving copy at the layout and precision measured fastest here (or set)."""
+        choice: Choice = measure_serving(
+            loaded.model, loaded.meta["image_size"], device, self.amp, self.channels_last
+        )
+        tta = loaded.meta.get("tta", "off") if self.tta == "auto" else "off"
+        log.info(
+            "version %s: %s %s, tta %s: %s",
+            loaded.version,
+            choice.precision,
+            choice.memory_format,
+            tta,
+            choice.reason,
+        )
+        return ServedModel(loaded, choice.bf16, choice.channels_last, tta, choice.reason)
+
     def _unreachable(self, exc: StoreUnreachable) -> None:
         if self.store_error is None:
             log.warning("model store unreachable: %s; still serving what is loaded", exc)
@@ -176,7 +211,7 @@ class ModelHolder:
             try:
                 device = resolve_device(self.device_name)
                 loaded = self.store.load_version(latest, device)
-                served = ServedModel(loaded, bf16=use_bf16(self.amp, device))
+                served = self._prepare(loaded, device)
                 served.warm_up()
             except StoreUnreachable as exc:
                 self._attempted = None  # not the version's fault: try it again next poll
@@ -216,6 +251,8 @@ class Predictor:
             config["MODEL_POLL_SECONDS"],
             config["AMP"],
             config["MODEL_CACHE_DIR"],
+            config["CHANNELS_LAST"],
+            config["TTA"],
         )
         self.batcher = MicroBatcher(
             run_batch=lambda served, images: served.probabilities(images),

@@ -58,9 +58,9 @@ def _fold_batchnorms(module: nn.Module) -> None:
             setattr(module, bn_name, nn.Identity())
 
 
-def for_inference(model: nn.Module, bf16: bool = False) -> nn.Module:
-    """An eval-only copy for serving: each BatchNorm folded into its conv, channels_last, and
-    with `bf16` its weights in bfloat16 (inputs must then be bfloat16 too).
+def for_inference(model: nn.Module, bf16: bool = False, channels_last: bool = True) -> nn.Module:
+    """An eval-only copy for serving: each BatchNorm folded into its conv, channels_last (or
+    contiguous), and with `bf16` its weights in bfloat16 (inputs must then be bfloat16 too).
 
     Folding removes a pass over every activation map; channels_last is oneDNN's and cuDNN's
     native conv layout; bf16 weights give autocast's arithmetic without its per-op casts.
@@ -69,5 +69,7 @@ def for_inference(model: nn.Module, bf16: bool = False) -> nn.Module:
     """
     served = copy.deepcopy(model).eval()
     _fold_batchnorms(served)
-    served = served.to(memory_format=torch.channels_last)
+    served = served.to(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
     return served.to(torch.bfloat16) if bf16 else served

@@ -126,8 +126,11 @@ def eval_transform(meta: dict) -> v2.Compose:
     return v2.Compose([resize_crop(meta["image_size"]), normalize_batch(meta["mean"], meta["std"])])
 
 
-def augment_batch(x: torch.Tensor, pad: int = 4, flip: bool = True) -> torch.Tensor:
-    """Random crop (zero padding `pad`) and horizontal flip, drawn independently per image.
+def augment_batch(
+    x: torch.Tensor, pad: int = 4, flip: bool = True, mode: str = "zeros"
+) -> torch.Tensor:
+    """Random crop (padding `pad`, mode "zeros" or "reflect") and horizontal flip, drawn
+    independently per image.
 
     x: uint8 or float (N, C, H, W) on any device; returns the same shape on the same device.
     torchvision's v2 transforms draw one set of parameters per call, i.e. per batch, so the
@@ -135,7 +138,8 @@ def augment_batch(x: torch.Tensor, pad: int = 4, flip: bool = True) -> torch.Ten
     """
     n, c, h, w = x.shape
     device = x.device
-    padded = F.pad(x, (pad, pad, pad, pad)) if pad else x
+    pad_mode = "reflect" if mode == "reflect" else "constant"
+    padded = F.pad(x, (pad, pad, pad, pad), mode=pad_mode) if pad else x
     # Offsets in [0, 2*pad] per image; drawn on the CPU generator so runs are reproducible
     # across devices, then moved (N ints: negligible).
     dy = torch.randint(0, 2 * pad + 1, (n,)).to(device)

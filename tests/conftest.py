@@ -52,8 +52,9 @@ def image_folders(tmp_path: Path) -> Path:
 def run_trainer(
     *args: str, env: dict | None = None, timeout: float = 300, preexec_fn=None
 ) -> subprocess.CompletedProcess:
-    """Run `python -m trainer` for real, from the repo root, offline."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    """Run `python -m trainer` for real, from the repo root, offline; no decoded-image cache
+    unless asked (it would land in the repo's volumes/cache)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "CACHE_DIR": "none", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "trainer", *args],
         cwd=REPO,

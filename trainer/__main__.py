@@ -12,30 +12,41 @@ from tqdm import tqdm
 
 from shared.classes import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from shared.device import DEVICE_NAMES, DeviceError, check_device_name
-from shared.model import ARCHS, build_model, use_bf16
+from shared.model import ARCHS, build_model
 from shared.preprocess import normalize_batch
 from shared.stores import open_store
 from trainer import TrainerError
 from trainer import distributed as ddp
 from trainer.data import Dataset, load_folders, load_torchvision
+from trainer.ema import EMA
 from trainer.loop import (
     STOP,
     Interrupted,
     evaluate,
+    lr_factor,
     make_optimizer,
     on_signal,
     replan,
     train_one_epoch,
+    zero_init_residual,
 )
 from trainer.publish import best_model_meta, publish_once
+from trainer.recipe import (
+    RECIPE_OPTIONS,
+    apply_recipe,
+    choose_and_plan,
+    describe,
+    device_kind,
+    launched_at,
+    replan_epochs,
+)
 from trainer.resume import plan_run, resume_command, start_run
 from trainer.run import RunDir
 from trainer.weights import load_initial_weights
 
-# The recipe and its knobs, each stated once: flag, environment variable, type, default,
-# choices, meaning (with unit). Defaults are strings so argparse converts env values too.
-# The defaults are the recipe measured best for 4 epochs at 32 px on a 2-core CPU (README,
-# Results): the max-pool-free ResNet-18, batch 128, peak lr 0.1, 2 px crops.
+# The knobs, each stated once: flag, environment variable, type, default, choices, meaning
+# (with unit). Defaults are strings so argparse converts env values too. A default of None
+# means the device's recipe (trainer/recipe.py) sets it unless the user does.
 # fmt: off
 OPTIONS = [
     ("--data-dir", "DATA_DIR", str, "", None,
@@ -43,35 +54,42 @@ OPTIONS = [
      "empty: torchvision's CIFAR-10, downloaded into --download-dir"),
     ("--download-dir", "DOWNLOAD_DIR", str, "volumes/data", None,
      "where torchvision's CIFAR-10 is downloaded once and reused"),
-    ("--epochs", "EPOCHS", int, "4", None, "passes over the training split"),
-    ("--batch-size", "BATCH_SIZE", int, "128", None,
-     "images per SGD step, over all processes under torchrun (each takes an equal share)"),
-    ("--lr", "LR", float, "0.1", None, "peak learning rate"),
+    ("--epochs", "EPOCHS", int, None, None,
+     "passes over the training split; recipe: as many as --time-budget allows"),
+    ("--batch-size", "BATCH_SIZE", int, None, None,
+     "images per SGD step, over all processes under torchrun (each takes an equal share); "
+     "recipe: cpu 128, cuda 512"),
+    ("--lr", "LR", float, None, None, "peak learning rate; recipe: cpu 0.1, cuda 0.4"),
     ("--schedule", "SCHEDULE", str, "onecycle", ["onecycle", "step"],
      "onecycle: linear warm-up, then linear decay to 0; step: lr * lr-decay every lr-period "
      "epochs (the original project's)"),
-    ("--warmup", "WARMUP", float, "0.2", None, "onecycle: fraction of all steps spent warming up"),
+    ("--warmup", "WARMUP", float, None, None,
+     "onecycle: fraction of all steps spent warming up; recipe: cpu 0.2, cuda 0.15"),
     ("--lr-period", "LR_PERIOD", int, "4", None, "step: epochs between decays"),
     ("--lr-decay", "LR_DECAY", float, "0.9", None, "step: factor applied at each decay"),
     ("--momentum", "MOMENTUM", float, "0.9", None, "SGD Nesterov momentum"),
     ("--weight-decay", "WEIGHT_DECAY", float, "5e-4", None,
      "L2 penalty on conv and linear weights (not BatchNorm or biases)"),
-    ("--label-smoothing", "LABEL_SMOOTHING", float, "0.1", None, "cross-entropy label smoothing"),
+    ("--label-smoothing", "LABEL_SMOOTHING", float, None, None,
+     "cross-entropy label smoothing; recipe: cpu 0.1, cuda 0.2"),
     ("--image-size", "IMAGE_SIZE", int, "32", None,
      "side in pixels images are resized to, for training and serving"),
-    ("--crop-padding", "CROP_PADDING", int, "2", None,
-     "random-crop zero padding in pixels (0: no cropping)"),
-    ("--arch", "ARCH", str, "resnet18_nomaxpool", list(ARCHS),
+    ("--crop-padding", "CROP_PADDING", int, None, None,
+     "random-crop padding in pixels (0: no cropping); recipe: cpu 2, cuda 4"),
+    ("--arch", "ARCH", str, None, list(ARCHS),
      "resnet18: torchvision's; resnet18_nomaxpool: the same without the max-pool (16x16 maps "
-     "in layer1 at 32 px, identical state_dict); resnet18_cifar: 3x3 stride-1 stem, no max-pool"),
+     "in layer1 at 32 px, identical state_dict); resnet18_cifar: 3x3 stride-1 stem, no "
+     "max-pool; recipe: cpu resnet18_nomaxpool, cuda resnet18_cifar"),
     ("--weights", "WEIGHTS", str, "imagenet", None,
      "imagenet (torchvision IMAGENET1K_V1, cached in TORCH_HOME), none, or a state_dict PATH"),
     ("--device", "DEVICE", str, "auto", None, f"{DEVICE_NAMES}; auto: cuda when available"),
     ("--amp", "AMP", str, "auto", ["auto", "bf16", "off"],
-     "bf16 autocast; auto: on for cuda and for CPUs with bf16 units"),
+     "bf16 autocast; auto: bf16 or fp32, whichever trains faster, timed at start (fp32 on "
+     "CPUs without bf16 units)"),
     ("--seed", "SEED", int, "0", None, "seeds the split, initialisation, order and augmentation"),
     ("--valid-ratio", "VALID_RATIO", float, "0.1", None,
-     "share of each class held out for validation when there is no valid/ folder"),
+     "share of each class held out for validation when there is no valid/ folder (0: train "
+     "on every image, no validation, publish the last epoch)"),
     ("--models-dir", "MODELS_DIR", str, "volumes/models", None,
      "model store to publish into: a folder or s3://bucket/prefix (AWS_* variables)"),
     ("--runs-dir", "RUNS_DIR", str, "volumes/runs", None, "where run folders are written"),
@@ -80,6 +98,7 @@ OPTIONS = [
      "process"),
 ]
 # fmt: on
+OPTIONS += RECIPE_OPTIONS  # time budget, short-schedule options, layout, cache (recipe.py)
 
 
 class Parser(argparse.ArgumentParser):
@@ -129,16 +148,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     args = p.parse_args(argv)
     for action in p._actions:  # argparse checks choices on the command line, not env defaults
-        if action.choices and getattr(args, action.dest) not in action.choices:
+        value = getattr(args, action.dest, None)
+        if action.choices and value is not None and value not in action.choices:
             p.error(f"{action.option_strings[0]} must be one of {', '.join(action.choices)}")
     try:
         check_device_name(args.device)
     except DeviceError as exc:
         p.error(f"--device (env DEVICE): {exc}")
-    if args.epochs < 1 or args.batch_size < 1 or args.image_size < 8 or args.lr <= 0:
+    args.recipe = apply_recipe(args, device_kind(args.device, torch.cuda.is_available()))
+    if args.epochs is None and not args.time_budget:
+        p.error("--time-budget 0 needs --epochs")
+    if (args.epochs or 1) < 1 or args.batch_size < 1 or args.image_size < 8 or args.lr <= 0:
         p.error("--epochs and --batch-size must be >= 1, --image-size >= 8, --lr > 0")
-    if not 0 < args.valid_ratio < 1 or not 0 <= args.warmup < 1 or args.crop_padding < 0:
-        p.error("--valid-ratio must be in (0, 1), --warmup in [0, 1), --crop-padding >= 0")
+    if not 0 <= args.valid_ratio < 1 or not 0 <= args.warmup < 1 or args.crop_padding < 0:
+        p.error("--valid-ratio must be in [0, 1), --warmup in [0, 1), --crop-padding >= 0")
+    if not 0 <= args.ema < 1 or not 0 <= args.lr_floor < 1 or args.time_budget < 0:
+        p.error("--ema and --lr-floor must be in [0, 1), --time-budget >= 0")
     if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
         p.error(f"--weights {args.weights}: no such file (or use 'imagenet' or 'none')")
     # What the user chose (command line or environment), as opposed to defaults: a resume
@@ -151,7 +176,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_data(config: dict) -> Dataset:
     if config["data_dir"]:
         return load_folders(
-            Path(config["data_dir"]), config["image_size"], config["valid_ratio"], config["seed"]
+            Path(config["data_dir"]),
+            config["image_size"],
+            config["valid_ratio"],
+            config["seed"],
+            config.get("cache_dir", ""),
         )
     return load_torchvision(
         Path(config["download_dir"]), config["image_size"], config["valid_ratio"], config["seed"]
@@ -162,6 +191,7 @@ def main(args: argparse.Namespace) -> int:
     # First thing: a Ctrl-C while the data loads stops at once, with one line, no traceback.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    launched = launched_at()
     d = ddp.init_distributed_mode(args.device)  # ddp: rank, world size, this rank's device
     log = print if d.is_main else lambda *_, **__: None  # ddp: rank 0 speaks for all
     run, history = None, []
@@ -179,8 +209,10 @@ def main(args: argparse.Namespace) -> int:
             )
         if state is not None:
             log(f"resuming run {plan['run_id']} after epoch {state['epoch']}")
+        elif plan["run_id"] is None:
+            config["recipe"] = args.recipe
+            log(describe(args, args.recipe))
         device = d.device
-        bf16 = use_bf16(config["amp"], device)
         torch.manual_seed(config["seed"])
 
         t0 = time.time()
@@ -190,7 +222,7 @@ def main(args: argparse.Namespace) -> int:
         log(
             f"data: {len(data.train)} train, {len(data.valid)} valid, "
             f"{len(data.test) if data.test else 0} test images, {len(data.class_names)} "
-            f"classes, decoded in {time.time() - t0:.1f}s; {ddp.describe(d)}"
+            f"classes, loaded in {time.time() - t0:.1f}s; {ddp.describe(d)}"
         )
         # The whole uint8 dataset lives on the training device (CIFAR-10 at 32 px: 150 MB), so
         # a step never waits for a host-to-device copy.
@@ -214,12 +246,29 @@ def main(args: argparse.Namespace) -> int:
 
         net = build_model(config["arch"], len(data.class_names))
         if state is None:  # ddp: rank 0's weights; DDP copies them to the other ranks
+            if config.get("zero_init_residual") == "on":
+                zero_init_residual(net)  # before --weights: loaded weights win
             ddp.on_main(d, load_initial_weights, net, config["weights"])
         else:
             net.load_state_dict(state["model"])
-        net.to(device, memory_format=torch.channels_last)
+        net.to(device)
+        if "precision" not in config:  # ddp: rank 0 times the choices and plans the budget
+            config.update(
+                ddp.on_main(d, choose_and_plan, net, data, config, device, normalize, launched)
+            )
+            if d.is_main:
+                run.write_config(config)
+        bf16 = config["precision"] == "bf16"
+        channels_last = config["memory_format"] == "channels_last"
+        net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        ema = EMA(net, config["ema"]) if config.get("ema") else None
+        if ema is not None and state is not None:
+            ema.load_state_dict(state["ema"])
         model = ddp.wrap_model(net, d, config.get("sync_bn") == "on")  # ddp: DDP(model)
         net = getattr(model, "module", model)
+        if config.get("compile") == "on":
+            model = torch.compile(model)
+        evaluated = ema.model if ema is not None else net  # validated and published
         steps_per_epoch = max(1, len(data.train) // config["batch_size"])
         opt, sched = make_optimizer(net, config, steps_per_epoch)
         history, best_acc, start_epoch = [], -1.0, 0
@@ -235,11 +284,13 @@ def main(args: argparse.Namespace) -> int:
                 run.write_metrics(history)
         # ddp: each rank validates its share of valid/, the counts are summed
         valid = data.valid.subset(torch.arange(d.rank, len(data.valid), d.world_size))
+        validate = len(data.valid) > 0  # --valid-ratio 0: every epoch is the best so far
 
         STOP.immediate = False  # from here a signal stops after the current step (state kept)
         train_seconds = sum(r["train_seconds"] for r in history)
         train_examples = sum(r["examples"] for r in history)
-        for epoch in range(start_epoch, config["epochs"]):
+        epoch = start_epoch
+        while epoch < config["epochs"]:
             t_epoch = time.time()
             lr = sched.get_last_lr()[0]
             batches = ddp.epoch_batches(  # ddp: this rank's shard of the epoch's permutation
@@ -266,21 +317,29 @@ def main(args: argparse.Namespace) -> int:
                     normalize,
                     bar,
                     stop=lambda: ddp.agree_stop(d),  # ddp: a signal on any rank stops all
+                    channels_last=channels_last,
+                    ema=ema,
                 )
             ddp.sync_buffers(net, d)  # ddp: rank 0's BatchNorm statistics everywhere
             ddp.debug_record(d, epoch + 1, batches, net)
             train_loss, train_acc, seen = ddp.reduce_mean(d, train_loss, train_acc, seen)
             train_time = time.time() - t_epoch
-            valid_loss, valid_acc, _ = ddp.reduce_evaluation(
-                d, *evaluate(net, valid, device, bf16, normalize)
-            )
+            valid_loss = valid_acc = None
+            if validate:
+                valid_loss, valid_acc, _ = ddp.reduce_evaluation(
+                    d,
+                    *evaluate(
+                        evaluated, valid, device, bf16, normalize,
+                        channels_last=channels_last, tta=config.get("tta", "off"),
+                    ),
+                )  # fmt: skip
             row = {
                 "epoch": epoch + 1,
                 "lr": round(lr, 6),
                 "train_loss": round(train_loss, 4),
                 "train_acc": round(train_acc, 4),
-                "valid_loss": round(valid_loss, 4),
-                "valid_acc": round(valid_acc, 4),
+                "valid_loss": None if valid_loss is None else round(valid_loss, 4),
+                "valid_acc": None if valid_acc is None else round(valid_acc, 4),
                 "examples_per_sec": round(seen / train_time, 1),
                 "seconds": round(time.time() - t_epoch, 2),
                 "examples": seen,
@@ -295,38 +354,48 @@ def main(args: argparse.Namespace) -> int:
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "history": history,
-                "best_acc": max(best_acc, valid_acc),
+                "best_acc": max(best_acc, valid_acc or -1.0),
                 "rng_cpu": torch.get_rng_state(),
                 "valid_index_paths": data.valid.paths,
             }
+            if ema is not None:
+                state["ema"] = ema.state_dict()
             if device.type == "cuda":
                 state["rng_cuda"] = torch.cuda.get_rng_state()
             if d.is_main:  # ddp: only rank 0 writes the run folder
-                if valid_acc > best_acc:
-                    run.save_best(net.state_dict())
+                if not validate or valid_acc > best_acc:
+                    run.save_best(evaluated.state_dict())
                 run.save_state(state)
                 run.write_metrics(history)
-            best_acc = max(best_acc, valid_acc)
+            best_acc = max(best_acc, valid_acc or -1.0)
+            shown = f"valid loss {valid_loss:.3f} acc {valid_acc:.3f}" if validate else ""
             log(
                 f"epoch {epoch + 1:>3}/{config['epochs']}  lr {lr:.4f}  "
-                f"train loss {train_loss:.3f} acc {train_acc:.3f}  "
-                f"valid loss {valid_loss:.3f} acc {valid_acc:.3f}  "
+                f"train loss {train_loss:.3f} acc {train_acc:.3f}  {shown}  "
                 f"{row['examples_per_sec']:.1f} img/s  {row['seconds']:.1f}s",
                 flush=True,
             )
+            epoch += 1
+            if epoch == 1 and state["epoch"] == 1:  # ddp: rank 0's measured epoch decides
+                epochs = ddp.on_main(d, replan_epochs, config, time.time() - t_epoch, launched)
+                if epochs:
+                    config["epochs"] = config["budget_plan"]["epochs_after_epoch_1"] = epochs
+                    sched.lr_lambdas = [lr_factor(config, steps_per_epoch)] * len(sched.base_lrs)
+                    replan(sched)
+                    if d.is_main:
+                        run.write_config(config)
             if ddp.agree_stop(d):  # e.g. a signal during validation: stop, the epoch is saved
                 raise Interrupted
 
         last = history[-1]
-        log(
-            f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, "
-            f"valid acc {last['valid_acc']:.3f}"
-        )
+        shown = f", valid acc {last['valid_acc']:.3f}" if validate else " (no validation)"
+        log(f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}{shown}")
         log(f"{train_examples / max(train_seconds, 1e-9):.1f} examples/sec on {[device]}")
         # ddp: rank 0 tests and publishes while the others wait for it
         meta = ddp.on_main(
-            d, best_model_meta, run, net, data, config, best_acc, device, bf16, normalize, mean, std
-        )
+            d, best_model_meta, run, net, data, config, best_acc if validate else None,
+            device, bf16, normalize, mean, std, channels_last,
+        )  # fmt: skip
         if ddp.agree_stop(d):  # a signal during the test evaluation: nothing published
             raise Interrupted
         version = ddp.on_main(d, publish_once, open_store(args.models_dir), run, net, meta)
@@ -341,7 +410,11 @@ def main(args: argparse.Namespace) -> int:
         return 128 + STOP.signum
     finally:
         ddp.close(d)
-    log(f"published model version {version} to {args.models_dir} (best valid acc {best_acc:.4f})")
+    best = f"best valid acc {best_acc:.4f}" if validate else "last epoch: no validation"
+    log(
+        f"published model version {version} to {args.models_dir} ({best}, "
+        f"{time.time() - launched:.1f}s after launch)"
+    )
     if STOP.signum:  # the signal came while publishing, which is all or nothing: it finished
         log(f"signal {STOP.signum} arrived while publishing: version {version} is complete")
         return 128 + STOP.signum

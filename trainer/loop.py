@@ -6,6 +6,7 @@ very step the trainer runs.
 
 import torch
 import torch.nn.functional as F
+from torchvision.models.resnet import BasicBlock
 
 from shared.preprocess import augment_batch
 from trainer import TrainerError
@@ -20,7 +21,10 @@ def lr_factor(config: dict, steps_per_epoch: int):
     warm = max(1, int(total * config["warmup"]))
     # LambdaLR also asks for step == total; with a single step in all, warm == total.
     decay = max(1, total - warm)
-    return lambda step: (step + 1) / warm if step < warm else max(0.0, (total - step) / decay)
+    floor = config.get("lr_floor") or 0.0  # runs from before --lr-floor have none
+    return lambda step: (
+        (step + 1) / warm if step < warm else floor + (1 - floor) * max(0.0, (total - step) / decay)
+    )
 
 
 def make_optimizer(model, config: dict, steps_per_epoch: int):
@@ -55,13 +59,51 @@ def shard_batches(order: torch.Tensor, batch_size: int, rank: int = 0, world_siz
     return order[: steps * per_rank * world_size].view(steps, world_size, per_rank)[:, rank]
 
 
+def zero_init_residual(model) -> None:
+    """Zero the last BatchNorm's scale in each residual block: every block starts as identity."""
+    for module in model.modules():
+        if isinstance(module, BasicBlock):
+            torch.nn.init.zeros_(module.bn2.weight)
+
+
+def as_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """x in the memory layout the model runs in."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return x.contiguous(memory_format=fmt)
+
+
+def train_step(model, opt, x, y, config, device, bf16, channels_last, normalize):
+    """Augment, forward, backward and update on one uint8 batch; (loss, logits), on device."""
+    x = augment_batch(x, pad=config["crop_padding"], mode=config.get("crop_mode", "zeros"))
+    x = as_layout(normalize(x), channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=config["label_smoothing"])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), logits.detach()
+
+
 def train_one_epoch(
-    model, opt, sched, train: Split, batches, config, device, bf16, normalize, bar, stop=None
+    model,
+    opt,
+    sched,
+    train: Split,
+    batches,
+    config,
+    device,
+    bf16,
+    normalize,
+    bar,
+    stop=None,
+    channels_last=True,
+    ema=None,
 ):
     """One pass over `batches` (rows of indices into train), augmenting each batch on the device.
 
     `stop()` is asked after every step (default: this process's signal flag); a non-zero
-    answer raises Interrupted.
+    answer raises Interrupted. `ema` (trainer.ema.EMA) follows the weights after each step.
     """
     model.train()
     stop = stop or (lambda: STOP.signum)
@@ -71,17 +113,12 @@ def train_one_epoch(
     seen = 0
     for step, index in enumerate(batches):
         x, y = train.images[index], train.labels[index]
-        x = augment_batch(x, pad=config["crop_padding"])
-        x = normalize(x).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=config["label_smoothing"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss, logits = train_step(model, opt, x, y, config, device, bf16, channels_last, normalize)
         sched.step()
+        if ema is not None:
+            ema.update(model)
         # Accumulate on the device: no host sync per step.
-        total_loss += loss.detach() * len(y)
+        total_loss += loss * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         bar.update(len(y))
@@ -93,21 +130,28 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def evaluate(model, split: Split, device, bf16, normalize, batch_size=512):
-    """Loss, accuracy and confusion matrix over a split, through the serving transform tail."""
+def evaluate(
+    model, split: Split, device, bf16, normalize, batch_size=512, channels_last=True, tta="off"
+):
+    """Loss, accuracy and confusion matrix over a split, through the serving transform tail.
+
+    tta "hflip": the class probabilities are the mean of the image's and its mirror's, as the
+    server computes them for a model.json with "tta": "hflip".
+    """
     model.eval()
-    k = int(split.labels.max()) + 1 if len(split) else 1
-    k = max(k, model.fc.out_features)
+    k = max(int(split.labels.max()) + 1 if len(split) else 1, model.fc.out_features)
     confusion = torch.zeros(k, k, dtype=torch.int64)
     total_loss = 0.0
     for start in range(0, len(split), batch_size):
         x = split.images[start : start + batch_size]
         y = split.labels[start : start + batch_size]
-        x = normalize(x).contiguous(memory_format=torch.channels_last)
+        x = as_layout(normalize(x), channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x).float()
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        pred = logits.argmax(1)
+            probs = model(x).float().softmax(1)
+            if tta == "hflip":
+                probs = (probs + model(x.flip(3)).float().softmax(1)) / 2
+        total_loss += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum").item()
+        pred = probs.argmax(1)
         confusion += torch.bincount(y.cpu() * k + pred.cpu(), minlength=k * k).view(k, k)
     n = max(len(split), 1)
     return total_loss / n, confusion.diag().sum().item() / n, confusion

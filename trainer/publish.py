@@ -6,12 +6,24 @@ from trainer import TrainerError
 from trainer.loop import evaluate
 
 
-def best_model_meta(run, net, data, config, best_acc, device, bf16, normalize, mean, std) -> dict:
-    """Load the best epoch's weights into net, test them, and describe them for model.json."""
+def best_model_meta(
+    run, net, data, config, best_acc, device, bf16, normalize, mean, std, channels_last=True
+) -> dict:
+    """Load the best epoch's weights into net, test them, and describe them for model.json.
+
+    best_acc None: no validation (--valid-ratio 0), the last epoch's weights are the best.
+    """
     net.load_state_dict(run.load_best())
-    metrics = {"valid_acc": round(best_acc, 4), "epochs": config["epochs"]}
+    metrics = {"epochs": config["epochs"]}
+    if best_acc is None:
+        metrics["validation"] = "none: trained on every image, last epoch published"
+    else:
+        metrics["valid_acc"] = round(best_acc, 4)
+    tta = config.get("tta", "off")
     if data.test is not None:
-        _, test_acc, confusion = evaluate(net, data.test, device, bf16, normalize)
+        _, test_acc, confusion = evaluate(
+            net, data.test, device, bf16, normalize, channels_last=channels_last, tta=tta
+        )
         per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
         metrics["test_acc"] = round(test_acc, 4)
         metrics["test_per_class_acc"] = dict(
@@ -19,7 +31,7 @@ def best_model_meta(run, net, data, config, best_acc, device, bf16, normalize, m
         )
         run.plot_confusion(confusion, data.class_names)
         print(f"test acc {test_acc:.4f} on {len(data.test)} images")
-    return {
+    meta = {
         "run_id": run.run_id,
         "arch": config["arch"],
         "class_names": data.class_names,
@@ -29,6 +41,9 @@ def best_model_meta(run, net, data, config, best_acc, device, bf16, normalize, m
         "metrics": metrics,
         "config": config,
     }
+    if tta == "hflip":
+        meta["tta"] = "hflip"  # the published accuracy averages each image with its mirror
+    return meta
 
 
 def published_version(models: Store, run_id: str) -> str | None:

@@ -136,7 +136,8 @@ class RunDir:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot(epochs, [r["train_loss"] for r in history], label="train loss")
         ax.plot(epochs, [r["train_acc"] for r in history], "--", label="train acc")
-        ax.plot(epochs, [r["valid_acc"] for r in history], "-.", label="valid acc")
+        if any(r["valid_acc"] is not None for r in history):  # none with --valid-ratio 0
+            ax.plot(epochs, [r["valid_acc"] for r in history], "-.", label="valid acc")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_image_folders, publish_random_model
+from tests.conftest import REPO, make_image_folders, publish_random_model
 
 pytestmark = pytest.mark.slow
 
@@ -114,3 +114,25 @@ def test_forward_load_reload_and_report(data, tmp_path):
     )
     assert report.returncode == 0, report.stderr
     assert report.stdout.count("### ") == 3
+
+
+def test_gpu_bench_cpu_smoke_runs_every_step_and_writes_one_json(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "--cpu-smoke", "--out", str(out)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "gpu" and result["mode"] == "cpu-smoke"
+    assert result["decode"]["first_seconds"] > 0 and result["decode"]["cached_seconds"] > 0
+    assert result["train_throughput"]["ratios"]["a_over_b"] > 0
+    assert [r["epoch"] for r in result["time_to_accuracy"]["epochs"]] == [1]
+    for grid in result["serving"].values():
+        assert {(r["concurrency"], r["images_per_request"]) for r in grid["rows"]} == {
+            (c, n) for c in (1, 2) for n in (1, 4)
+        }

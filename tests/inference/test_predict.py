@@ -14,6 +14,7 @@ from shared.classes import CIFAR10_CLASSES
 from shared.model import use_bf16
 from shared.preprocess import eval_transform, load_rgb
 from shared.store import load_version
+from tests.conftest import publish_random_model
 from tests.inference.serving import image_bytes, run_server, wait_ready
 
 
@@ -142,12 +143,44 @@ def assert_served_like_in_process(server, models_dir, version, precision):
 
 
 def test_predictions_equal_in_process_evaluation_of_the_same_model(server, served_models):
-    """Serving and training can't drift; AMP=auto serves at the precision the trainer uses."""
+    """Serving and training can't drift; AMP=auto serves at the precision it timed fastest."""
     models_dir, version = served_models
-    cpu = torch.device("cpu")
-    assert_served_like_in_process(
-        server, models_dir, version, "bf16" if use_bf16("auto", cpu) else "fp32"
-    )
+    info = server.get("/model").json()
+    allowed = {"fp32", "bf16"} if use_bf16("auto", torch.device("cpu")) else {"fp32"}
+    assert info["precision"] in allowed
+    assert info["memory_format"] in ("channels_last", "contiguous")
+    assert "fastest forward" in info["precision_reason"] and "ms" in info["precision_reason"]
+    assert_served_like_in_process(server, models_dir, version, info["precision"])
+
+
+def test_explicit_layout_is_obeyed_and_answers_equal_across_layouts(served_models, tmp_path):
+    models_dir, version = served_models
+    with run_server(models_dir, tmp_path, AMP="off", CHANNELS_LAST="off") as srv:
+        wait_ready(srv)
+        info = srv.get("/model").json()
+        assert (info["precision"], info["memory_format"]) == ("fp32", "contiguous")
+        assert info["precision_reason"].startswith("as set")
+        assert_served_like_in_process(srv, models_dir, version, "fp32")
+
+
+def test_model_json_tta_is_applied_by_default_and_off_on_request(tmp_path):
+    models_dir = tmp_path / "models"
+    version = publish_random_model(models_dir, tta="hflip")
+    images = [noise_image(i, (32, 32), "PNG") for i in range(4)]
+    files = [("file", (f"{i}.png", data)) for i, data in enumerate(images)]
+    loaded = load_version(models_dir, version)
+    with torch.inference_mode():
+        x = torch.stack([eval_transform(loaded.meta)(load_rgb(d)) for d in images])
+        plain = loaded.model(x).softmax(1)
+        mirrored = (plain + loaded.model(x.flip(3)).softmax(1)) / 2
+    for env, expected, tta in [({}, mirrored, "hflip"), ({"TTA": "off"}, plain, "off")]:
+        with run_server(models_dir, tmp_path, AMP="off", **env) as srv:
+            wait_ready(srv)
+            assert srv.get("/model").json()["tta"] == tta
+            served = srv.post("/predict", files=files).json()["predictions"]
+        for entry, row in zip(served, expected, strict=True):
+            assert entry["category_index"] == int(row.argmax())
+            assert entry["confidence"] == pytest.approx(float(row.max()), abs=1e-4)
 
 
 @pytest.mark.parametrize("amp", ["off", "bf16"])

@@ -15,7 +15,9 @@ import torchvision
 from shared import store
 from tests.conftest import REPO, assert_one_line_error, make_image_folders, run_trainer
 
+# Layout and precision fixed: `auto` times them, and two runs compared must compute alike.
 FAST = ["--weights", "none", "--batch-size", "16", "--lr", "0.05", "--device", "cpu"]
+FAST += ["--amp", "off", "--channels-last", "on", "--cache-dir", "none"]
 
 
 def dirs(tmp_path):
@@ -271,6 +273,9 @@ def bad_inputs(tmp_path):
         "zero-epochs": (["--epochs", "0"], "--epochs"),
         "bad-ratio": (["--valid-ratio", "1.5"], "--valid-ratio"),
         "bad-device": (["--device", "tpu"], "--device"),
+        "bad-ema": (["--ema", "1.5"], "--ema"),
+        "bad-crop-mode": (["--crop-mode", "wrap"], "--crop-mode"),
+        "no-budget-no-epochs": (["--time-budget", "0"], "needs --epochs"),
     }
 
 
@@ -287,6 +292,9 @@ def bad_inputs(tmp_path):
         "zero-epochs",
         "bad-ratio",
         "bad-device",
+        "bad-ema",
+        "bad-crop-mode",
+        "no-budget-no-epochs",
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_publishes_nothing(tmp_path, case):
@@ -322,6 +330,12 @@ def test_help_names_every_option_with_its_environment_variable():
         ("--lr-decay", "LR_DECAY"),
         ("--momentum", "MOMENTUM"),
         ("--weight-decay", "WEIGHT_DECAY"),
+        ("--time-budget", "TIME_BUDGET"),
+        ("--cache-dir", "CACHE_DIR"),
+        ("--channels-last", "CHANNELS_LAST"),
+        ("--ema", "EMA"),
+        ("--tta", "TTA"),
+        ("--compile", "COMPILE"),
     ]:
         assert flag in text and f"env {var}" in text, flag
     assert "--resume" in text
