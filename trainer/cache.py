@@ -10,11 +10,8 @@ and rebuilt. Writers write a uniquely named temporary file and rename it into pl
 trainers starting at once each leave a whole file and readers never see a part.
 """
 
-import contextlib
 import hashlib
 import json
-import os
-import secrets
 import struct
 import sys
 from collections.abc import Callable
@@ -23,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import PIL
 import torchvision
+
+from shared.store import atomic_write_bytes
 
 # Bump when the decoding code changes the pixels it produces.
 CACHE_FORMAT = 1
@@ -83,17 +82,7 @@ def _write(path: Path, key: str, images: np.ndarray) -> None:
     prefix = MAGIC + struct.pack("<I", len(header)) + header
     prefix += b"\0" * (-len(prefix) % ALIGN)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(prefix)
-            f.write(np.ascontiguousarray(images).data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    atomic_write_bytes(path, prefix, np.ascontiguousarray(images).data)
 
 
 def load_or_decode(
