@@ -289,13 +289,8 @@ fi
 [[ -n $nogpu ]] && "$DOCKER" rm -f "$nogpu" >/dev/null 2>&1 || true
 
 # ---- Scaled serving: replicas behind the load balancer (issue 12; its own file) ----
-# Opt-in (E2E_SCALE=1) until it has run green end to end: its parts (the HAProxy image, DNS
-# discovery of scaled replicas) were only checked by hand so far; tests/deploy covers the
-# balancer with real processes in `make test`.
-if [[ ${E2E_SCALE:-0} == 1 ]]; then
-  # shellcheck source=scripts/e2e-scale.sh
-  source scripts/e2e-scale.sh
-fi
+# shellcheck source=scripts/e2e-scale.sh
+source scripts/e2e-scale.sh
 # ---- end of scaled serving ----
 
 step "done"
