@@ -158,7 +158,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.recipe = apply_recipe(args, device_kind(args.device, torch.cuda.is_available()))
     if args.epochs is None and not args.time_budget:
         p.error("--time-budget 0 needs --epochs")
-    if (args.epochs or 1) < 1 or args.batch_size < 1 or args.image_size < 8 or args.lr <= 0:
+    if (
+        (args.epochs is not None and args.epochs < 1)
+        or args.batch_size < 1
+        or args.image_size < 8
+        or args.lr <= 0
+    ):
         p.error("--epochs and --batch-size must be >= 1, --image-size >= 8, --lr > 0")
     if not 0 <= args.valid_ratio < 1 or not 0 <= args.warmup < 1 or args.crop_padding < 0:
         p.error("--valid-ratio must be in [0, 1), --warmup in [0, 1), --crop-padding >= 0")

@@ -299,11 +299,14 @@ def bad_inputs(tmp_path):
 )
 def test_bad_input_is_one_line_exit_2_and_publishes_nothing(tmp_path, case):
     args, message = bad_inputs(tmp_path)[case]
-    result = (
-        run_trainer(*args, "--weights", "none", "--device", "cpu", *dirs(tmp_path))
-        if "--weights" not in args
-        else run_trainer(*args, "--device", "cpu", *dirs(tmp_path))
-    )
+    # Defaults only for the flags the case does not set: argparse keeps the last value given.
+    defaults = [
+        arg
+        for flag, value in (("--weights", "none"), ("--device", "cpu"))
+        if flag not in args
+        for arg in (flag, value)
+    ]
+    result = run_trainer(*args, *defaults, *dirs(tmp_path))
     assert_one_line_error(result, message, alone=True)
     models = tmp_path / "models"
     assert not models.exists() or list(models.iterdir()) == []  # no version, no LATEST
