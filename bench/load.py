@@ -45,6 +45,7 @@ from bench.common import (  # noqa: E402
 from bench.traffic import Load, predict_kind, records  # noqa: E402
 from inference.predictor import ServedModel  # noqa: E402
 from shared.model import use_bf16  # noqa: E402
+from shared.precision import Choice  # noqa: E402
 from shared.store import load_version, read_latest  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -162,7 +163,7 @@ def run_http(url, images, concurrency, per_request, duration, warmup, timeout) -
 def run_inprocess(models_dir, images, per_request, duration, warmup, amp) -> dict:
     """(d): the service's own ServedModel (decode, resize, normalize, forward) without HTTP."""
     loaded = load_version(models_dir, read_latest(models_dir))
-    served = ServedModel(loaded, bf16=use_bf16(amp, loaded.device))
+    served = ServedModel(loaded, Choice(use_bf16(amp, loaded.device), True, "as set by AMP"))
     gauge = OtherLoad().start()
     t0 = time.monotonic()
     window = (t0 + warmup, t0 + warmup + duration)

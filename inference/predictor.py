@@ -41,12 +41,11 @@ class ServedModel:
     """A loaded version together with the preprocessing its model.json describes."""
 
     loaded: LoadedModel
-    bf16: bool = False
-    channels_last: bool = True
+    # The layout and precision to serve in, and why (measured or as set).
+    choice: Choice = field(default_factory=lambda: Choice(False, True, "as set"))
     # "hflip": average each image's probabilities with its mirror's, as the published accuracy
     # did (model.json "tta"); "off" otherwise.
     tta: str = "off"
-    precision_reason: str = ""
     loaded_at: str = field(default_factory=now_iso)
 
     def __post_init__(self) -> None:
@@ -59,19 +58,10 @@ class ServedModel:
         # BatchNorm folded into the convs, channels_last, bf16 weights when asked: the same
         # classes for less work per pass (shared.model.for_inference). The serving copy takes
         # the loaded model's place: keeping both would hold every served version twice.
-        self.loaded.model = for_inference(self.loaded.model, self.bf16, self.channels_last)
-        self._dtype = torch.bfloat16 if self.bf16 else torch.float32
-        self._format = memory_format(self.channels_last)
-
-    @property
-    def precision(self) -> str:
-        """The dtype the served weights compute in: "bf16" or "fp32"."""
-        return "bf16" if self.bf16 else "fp32"
-
-    @property
-    def memory_format(self) -> str:
-        """The layout of the served weights and inputs: "channels_last" or "contiguous"."""
-        return "channels_last" if self.channels_last else "contiguous"
+        bf16, channels_last = self.choice.bf16, self.choice.channels_last
+        self.loaded.model = for_inference(self.loaded.model, bf16, channels_last)
+        self._dtype = torch.bfloat16 if bf16 else torch.float32
+        self._format = memory_format(channels_last)
 
     @property
     def version(self) -> str:
@@ -186,7 +176,7 @@ class ModelHolder:
             tta,
             choice.reason,
         )
-        return ServedModel(loaded, choice.bf16, choice.channels_last, tta, choice.reason)
+        return ServedModel(loaded, choice, tta)
 
     def _unreachable(self, exc: StoreUnreachable) -> None:
         if self.store_error is None:
