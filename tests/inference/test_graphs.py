@@ -78,9 +78,16 @@ def test_graphed_probabilities_equal_eager_at_every_batch_size(tmp_path, bf16, t
     torch.manual_seed(0)
     for n in [*range(1, 18), 16, 3, 1]:  # 17: above the largest graph, eager; then back again
         images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
-        a, b = graphed.probabilities(images), eager.probabilities(images)
-        assert a.device.type == "cpu" and a.shape == (n, 10)
-        assert (a - b).abs().max().item() < (1e-2 if bf16 else 1e-4), n
+        probs = graphed.probabilities(images)
+        assert probs.device.type == "cpu" and probs.shape == (n, 10)
+        # Eager on the padded batch the graph computed: same shapes, same cuDNN kernels.
+        size = padded_size(n, graphed.graphs.sizes) or n
+        padded = torch.cat([images, images.new_zeros((size - n, 3, 32, 32))])
+        assert (probs - eager.probabilities(padded)[:n]).abs().max().item() < (
+            1e-2 if bf16 else 1e-4
+        ), n
+        # Unpadded, cuDNN may pick other kernels (TF32 in fp32): close, not equal.
+        assert (probs - eager.probabilities(images)).abs().max().item() < 5e-2, n
 
 
 @cuda_only
