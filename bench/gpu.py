@@ -113,7 +113,8 @@ def cuda_graphs(work: Path, models: Path, data: Path, device: str, smoke: bool) 
     beside the error."""
     out = work / "graphs.json"
     out.unlink(missing_ok=True)
-    short = ["--iterations", "5", "--rounds", "1", "--batch-sizes", "1,8"] if smoke else []
+    short = ["--iterations", "5", "--rounds", "1", "--batch-sizes", "1,8", "--check-sizes", "1,3"]
+    short = short if smoke else []
     result = bench(
         "graphs",
         out,
