@@ -135,7 +135,8 @@ def test_gpu_bench_cpu_smoke_runs_every_step_and_writes_one_json(tmp_path):
     assert result["decode"]["first_seconds"] > 0 and result["decode"]["cached_seconds"] > 0
     assert result["train_throughput"]["ratios"]["a_over_b"] > 0
     assert [r["epoch"] for r in result["time_to_accuracy"]["epochs"]] == [1]
+    assert set(result["serving"]) == {"workers_1", "workers_2"}
     for grid in result["serving"].values():
-        assert {(r["concurrency"], r["images_per_request"]) for r in grid["rows"]} == {
-            (c, n) for c in (1, 2) for n in (1, 4)
+        assert {(r["server"], r["concurrency"], r["images_per_request"]) for r in grid["rows"]} == {
+            (server, 2, n) for server in ("service", "ceiling") for n in (1, 4)
         }
