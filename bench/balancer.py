@@ -1,11 +1,10 @@
 """HAProxy from deploy/haproxy/haproxy.cfg in front of loopback replicas: tests and benchmarks.
 
 The config is the deployed file with its one server-template line (Docker DNS discovery)
-replaced by one `server` line per replica port, nothing else changed.
+replaced by one `server` line per replica port, nothing else changed. `trivial()` runs the
+same program with a config that answers every request itself: the load generator's ceiling.
 """
 
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench.servers import REPO, free_port
+from bench.tools import Tool, find_tool
 
 CONFIG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 START_TIMEOUT_S = 10
@@ -34,12 +34,12 @@ def render_config(ports: list[int]) -> str:
     return "\n".join(lines[: templates[0]] + servers + lines[templates[0] + 1 :]) + "\n"
 
 
-def haproxy_binary() -> str:
-    """The haproxy executable (Debian's package; .ci/run installs it)."""
-    binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    if not Path(binary).exists():
+def haproxy_tool() -> Tool:
+    """The haproxy executable (Debian's package, which .ci/run installs, or one in .bin/)."""
+    tool = find_tool("haproxy")
+    if tool is None:
         raise RuntimeError("haproxy is not installed: apt-get install haproxy (.ci/run does)")
-    return binary
+    return tool
 
 
 class Balancer:
@@ -56,24 +56,61 @@ class Balancer:
         return self.log_path.read_text(errors="replace")
 
 
+# What the load generator's ceiling is measured against (bench/load.py): an answer that costs
+# the server nearly nothing. The body is buffered first, as a real server reads it.
+TRIVIAL_CONFIG = """\
+global
+    maxconn 4096
+    tune.bufsize 262144
+
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 60s
+    timeout http-request 120s
+    timeout http-keep-alive 60s
+
+frontend trivial
+    bind "${BIND_ADDRESS}:${PORT}"
+    option http-buffer-request
+    http-request return status 200 content-type application/json string "{}"
+"""
+
+
 @contextmanager
 def haproxy(ports: list[int], work_dir: Path) -> Iterator[Balancer]:
     """HAProxy on a free loopback port in front of 127.0.0.1:`ports`; stopped afterwards."""
+    with run_haproxy(render_config(ports), work_dir) as balancer:
+        yield balancer
+
+
+@contextmanager
+def trivial(work_dir: Path) -> Iterator[Balancer]:
+    """HAProxy on a free loopback port answering every request 200 `{}` by itself."""
+    with run_haproxy(TRIVIAL_CONFIG, work_dir, "trivial") as balancer:
+        yield balancer
+
+
+@contextmanager
+def run_haproxy(config_text: str, work_dir: Path, name: str = "haproxy") -> Iterator[Balancer]:
+    """HAProxy running `config_text` (which binds ${BIND_ADDRESS}:${PORT}) on a free loopback
+    port, once it listens; stopped afterwards."""
+    tool = haproxy_tool()
     work_dir.mkdir(parents=True, exist_ok=True)
-    config = work_dir / "haproxy.cfg"
-    config.write_text(render_config(ports))
     port = free_port()
-    env = {**os.environ, "PORT": str(port), "BIND_ADDRESS": "127.0.0.1"}
+    config = work_dir / f"{name}-{port}.cfg"
+    config.write_text(config_text)
+    env = tool.environ(PORT=str(port), BIND_ADDRESS="127.0.0.1")
     checked = subprocess.run(
-        [haproxy_binary(), "-c", "-f", str(config)], env=env, capture_output=True, text=True
+        [tool.path, "-c", "-f", str(config)], env=env, capture_output=True, text=True
     )
     if checked.returncode != 0:
         raise RuntimeError(f"haproxy -c refused the config:\n{checked.stdout}{checked.stderr}")
-    log_path = work_dir / f"haproxy-{port}.log"
+    log_path = work_dir / f"{name}-{port}.log"
     with open(log_path, "wb") as log:
         # -db: foreground, logs to stdout (the config's `log stdout`).
         proc = subprocess.Popen(
-            [haproxy_binary(), "-db", "-f", str(config)], env=env, stdout=log, stderr=log
+            [tool.path, "-db", "-f", str(config)], env=env, stdout=log, stderr=log
         )
     balancer = Balancer(proc, port, log_path)
     try:

@@ -15,7 +15,8 @@ Steps, each a benchmark script run as a user runs it, results gathered into one 
    one image in process with decode, graphs on and off, and their agreement (a disagreement
    keeps the figures and fails the run at the end);
 6. serving: bench.load against Gunicorn with DEVICE set, 1/16/64 clients x 1/32 images per
-   request, WORKERS=1 and WORKERS=4.
+   request, WORKERS=1 and WORKERS=auto (--workers), driven by wrk where it is found (also in
+   .bin/), with the generator's ceiling and each figure's headroom.
 """
 
 import argparse
@@ -41,8 +42,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--cpu-smoke", action="store_true", help="tiny data on the CPU: checks the steps run")
     a("--data-dir", default="volumes/data/cifar10", help="class folders (default %(default)s)")
     a("--work-dir", default=str(WORK_DIR / "gpu"), help="state of this run (default %(default)s)")
+    a(
+        "--workers",
+        help="WORKERS values of the serving grid, comma-separated, passed to the server as is "
+        "(default 1,auto; with --cpu-smoke 1,2)",
+    )
+    a("--wrk-threads", help="wrk threads of the serving grid (default 4; with --cpu-smoke 2)")
     a("--out", help="JSON path (default bench/results/gpu-<device>.json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.workers is None:
+        args.workers = "1,2" if args.cpu_smoke else "1,auto"
+    if args.wrk_threads is None:
+        args.wrk_threads = "2" if args.cpu_smoke else "4"
+    return args
 
 
 def setup(args) -> None:
@@ -136,9 +148,10 @@ def main(args: argparse.Namespace) -> int:
         throughput = ["--steps", "2", "--warmup-steps", "1", "--repeats", "1", "--workers", "0"]
         throughput += ["--batch-size", "8"]
         accuracy = ["--epochs", "1", "--", "--batch-size", "8", "--cache-dir", str(work / "c")]
-        grid = ["--concurrency", "1,2", "--images-per-request", "1,4", "--duration", "1"]
-        grid += ["--warmup", "0.5"]
-        workers = ["1", "2"]
+        # One concurrency, no warm-up (the smallest wrk run is a whole second): these figures
+        # mean nothing, and the ceiling runs too.
+        grid = ["--concurrency", "2", "--images-per-request", "1,4", "--duration", "1"]
+        grid += ["--warmup", "0"]
     else:
         setup(args)
         data = Path(args.data_dir)
@@ -147,7 +160,6 @@ def main(args: argparse.Namespace) -> int:
         accuracy = ["--epochs", "0"]
         grid = ["--concurrency", "1,16,64", "--images-per-request", "1,32", "--duration", "5"]
         grid += ["--warmup", "2"]
-        workers = ["1", "4"]
     result = header("gpu")
     result["mode"] = "cpu-smoke" if args.cpu_smoke else "gpu"
     result["decode"] = decode(data, work / "decode-cache")
@@ -167,13 +179,13 @@ def main(args: argparse.Namespace) -> int:
     models = work / "tta" / "models"
     result["cuda_graphs"] = cuda_graphs(work, models, data, device, args.cpu_smoke)
     result["serving"] = {}
-    for n in workers:
+    for n in args.workers.split(","):
         result["serving"][f"workers_{n}"] = bench(
             "load",
             work / f"load-workers{n}.json",
             *("--start-server", "--models-dir", str(models), "--images", str(data / "train")),
             *grid,
-            *("--max-others", "99"),
+            *("--wrk-threads", args.wrk_threads, "--max-others", "99"),
             *("--server-env", f"DEVICE={device}", "--server-env", f"WORKERS={n}"),
         )
     result["total_seconds"] = round(time.perf_counter() - start, 1)

@@ -3,10 +3,17 @@
     python -m bench.load --url http://localhost:3000 --images DIR \\
         --concurrency 1,4,16 --images-per-request 1,8,32 --duration 20
 
-Each client thread has its own requests.Session and sends, back to back, multipart uploads built
-exactly like the original client's: files=[('file', (name, bytes, 'image/jpeg')), ...]. Per
-setting (concurrency x images per request): requests/s, images/s, p50/p95/p99 latency and
-errors, over `--duration` seconds after `--warmup` seconds. Only --url is needed.
+Each of `concurrency` connections sends, back to back, multipart uploads built exactly like the
+original client's: files=[('file', (name, bytes, 'image/jpeg')), ...], from Debian's wrk with
+bench/wrk/predict.lua (default where wrk is found, also in .bin/) or from Python threads
+(--generator python); bench/generator.py. Per setting (concurrency x images per request):
+requests/s, images/s, p50/p95/p99 latency and errors, over `--duration` seconds after
+`--warmup` seconds. Only --url is needed.
+
+The generator's own ceiling is measured in the same run, at every setting: the same generator,
+bodies and connections against HAProxy answering 200 by itself (bench/balancer.py, trivial).
+Each HTTP figure gets its headroom = ceiling req/s / its req/s; under 3 it is flagged (`!`):
+that figure may measure the generator, not the server.
 
 With --models-dir (the store the server under test serves), the same run also measures:
   --inprocess  (d) the in-process limit: decode + preprocess + one batched forward per
@@ -19,8 +26,10 @@ With --models-dir (the store the server under test serves), the same run also me
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +41,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import requests  # noqa: E402
 import torch  # noqa: E402
 
-from bench import servers  # noqa: E402
+from bench import balancer, servers  # noqa: E402
 from bench.common import (  # noqa: E402
     WORK_DIR,
     OtherLoad,
@@ -42,7 +51,15 @@ from bench.common import (  # noqa: E402
     wait_for_quiet,
     write_result,
 )
-from bench.traffic import Load, predict_kind, records  # noqa: E402
+from bench.generator import (  # noqa: E402
+    MIN_HEADROOM,
+    add_headroom,
+    run_http,
+    run_wrk,
+    shown_headroom,
+    summarize,
+)
+from bench.tools import find_tool  # noqa: E402
 from inference.predictor import ServedModel  # noqa: E402
 from shared.model import use_bf16  # noqa: E402
 from shared.precision import Choice  # noqa: E402
@@ -70,11 +87,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--url", help="base URL of the deployment, e.g. http://localhost:3000")
     a("--images", required=True, help="folder searched recursively for image files")
     a("--max-files", type=int, default=1000, help="images loaded, spread over DIR (default 1000)")
-    a("--concurrency", type=int_list, default=[1, 4, 16], help="client threads (default 1,4,16)")
+    a(
+        "--concurrency",
+        type=int_list,
+        default=[1, 4, 16],
+        help="connections kept busy (Python: client threads) (default 1,4,16)",
+    )
     a("--images-per-request", type=int_list, default=[1, 8, 32], help="default 1,8,32")
     a("--duration", type=float, default=20, help="measured seconds per setting (default 20)")
     a("--warmup", type=float, default=3, help="unmeasured seconds first (default 3)")
     a("--timeout", type=float, default=60, help="per-request timeout, s (default 60)")
+    a(
+        "--generator",
+        choices=["wrk", "python"],
+        default=os.environ.get("LOAD_GENERATOR") or ("wrk" if find_tool("wrk") else "python"),
+        help="wrk (Debian's, on PATH or in .bin/) or python (threads); default wrk where found, "
+        "else python (env LOAD_GENERATOR)",
+    )
+    a(
+        "--wrk-threads",
+        type=int,
+        default=os.environ.get("WRK_THREADS")
+        or "2",  # a string: argparse checks it as --wrk-threads
+        help="wrk threads (at most one per connection; default 2, env WRK_THREADS)",
+    )
     a("--models-dir", help="the served model store, for --inprocess, --baseline, --start-server")
     a("--inprocess", action="store_true", help="also measure (d), the in-process limit")
     a("--baseline", action="store_true", help="also measure (e), the original-style server")
@@ -97,67 +133,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any("=" not in item for item in args.server_env):
         p.error("--server-env takes NAME=VALUE")
     args.server_env = dict(item.split("=", 1) for item in args.server_env)
+    if args.generator not in ("wrk", "python"):  # from LOAD_GENERATOR, which argparse trusts
+        p.error(f"LOAD_GENERATOR={args.generator}: expected wrk or python")
+    args.wrk = find_tool("wrk")
+    if args.generator == "wrk" and args.wrk is None:
+        p.error(
+            "--generator wrk: no wrk on PATH or in .bin/ (apt-get install wrk; "
+            "docs/benchmarks.md says how to carry it)"
+        )
+    if args.wrk_threads < 1:
+        p.error("--wrk-threads must be at least 1")
     return args
 
 
-def load_images(folder: Path, limit: int) -> list[tuple[str, bytes]]:
-    """(name, bytes) of up to `limit` image files spread evenly over `folder` (sorted walk)."""
+def image_paths(folder: Path, limit: int) -> list[Path]:
+    """Up to `limit` image files spread evenly over `folder` (sorted walk)."""
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise SystemExit(f"error: no image files under {folder}")
     step = max(1, len(paths) // limit)
-    return [(p.name, p.read_bytes()) for p in paths[::step][:limit]]
+    return paths[::step][:limit]
 
 
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return None
-    rank = max(1, round(q / 100 * len(sorted_values) + 0.5))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-def summarize(records: list[tuple], per_request: int, window: tuple[float, float]) -> dict:
-    """Rates and latencies of the requests that completed inside `window`."""
-    start, end = window
-    inside = [r for r in records if start <= r[1] <= end]
-    ok = [r for r in inside if r[2]]
-    latencies = sorted((r[1] - r[0]) * 1000 for r in ok)
-    seconds = end - start
-    errors: dict[str, int] = {}
-    for r in records:  # errors anywhere in the run, warm-up included: none may be hidden
-        if not r[2]:
-            errors[str(r[3])] = errors.get(str(r[3]), 0) + 1
-    return {
-        "requests_per_sec": len(ok) / seconds,
-        "images_per_sec": len(ok) * per_request / seconds,
-        "p50_ms": percentile(latencies, 50),
-        "p95_ms": percentile(latencies, 95),
-        "p99_ms": percentile(latencies, 99),
-        "max_ms": latencies[-1] if latencies else None,
-        "requests": len(ok),
-        "errors": sum(errors.values()),
-        "error_kinds": errors,
-        "versions": sorted({r[4] for r in ok if r[4]}),
-    }
-
-
-def run_http(url, images, concurrency, per_request, duration, warmup, timeout) -> dict:
-    """Closed loop: `concurrency` threads post `per_request` images each, back to back."""
-    cpu0 = time.process_time()
-    gauge = OtherLoad().start()
-    t0 = time.monotonic()
-    window = (t0 + warmup, t0 + warmup + duration)
-    load = Load(url, [predict_kind(images, per_request, timeout)], concurrency).start()
-    time.sleep(warmup + duration)
-    outcomes = load.stop()  # each client finishes the request it has in flight
-    # The load generator shares the machine with the server: report what it used.
-    client_cpu = (time.process_time() - cpu0) / (time.monotonic() - t0)
-    others = gauge.stop()
-    result = summarize(records(outcomes), per_request, window)
-    result["client_cpu_cores"] = round(client_cpu, 2)
-    result["others_cores"] = others
-    return result
+def load_images(folder: Path, limit: int) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the image_paths()."""
+    return [(p.name, p.read_bytes()) for p in image_paths(folder, limit)]
 
 
 def run_inprocess(models_dir, images, per_request, duration, warmup, amp) -> dict:
@@ -189,13 +189,20 @@ def served_version(url: str) -> str | None:
         return None
 
 
-def measure(targets: dict[str, str], images, models_dir, args) -> list[dict]:
+def measure(targets: dict[str, str], images, image_list, ceiling_url, models_dir, args) -> list:
     """Every setting, interleaved: per images-per-request n, (d) then each concurrency against
-    every target in turn, so that a burst of load from elsewhere skews no single comparison."""
+    every target in turn and then the ceiling, so that a burst of load from elsewhere skews no
+    single comparison."""
     rows = []
     amp = args.server_env.get("AMP") or os.environ.get("AMP") or "auto"
 
-    def sample(name: str, concurrency: int, per_request: int, run) -> None:
+    def generate(url: str, c: int, n: int, warmup: float, check: bool = True) -> dict:
+        if args.generator == "wrk":
+            run = (args.wrk, url, image_list, c, n, args.duration, warmup, args.timeout)
+            return run_wrk(*run, args.wrk_threads)
+        return run_http(url, images, c, n, args.duration, warmup, args.timeout, check)
+
+    def sample(name: str, concurrency: int, per_request: int, run, pause: bool = True) -> None:
         # Only servers this script started count as its own CPU use: with --url the server's
         # work shows up as "others", and re-measuring on that basis would never end.
         judged = name != "service" or args.start_server
@@ -206,6 +213,8 @@ def measure(targets: dict[str, str], images, models_dir, args) -> list[dict]:
             row = run()
             row.update(server=name, concurrency=concurrency, images_per_request=per_request)
             row["attempt"] = attempt + 1
+            if name != "inprocess":
+                row["generator"] = args.generator
             print(
                 f"{name:>9} c={concurrency:<3} n={per_request:<3} "
                 f"{row['images_per_sec']:8.1f} img/s  p99 {row['p99_ms'] or 0:7.1f} ms  "
@@ -217,7 +226,8 @@ def measure(targets: dict[str, str], images, models_dir, args) -> list[dict]:
                 break
         # Keep the least disturbed attempt.
         rows.append(min(attempts, key=lambda r: r["others_cores"] or 0))
-        time.sleep(1)
+        if pause:
+            time.sleep(1)
 
     for n in args.images_per_request:
         if args.inprocess:
@@ -229,14 +239,13 @@ def measure(targets: dict[str, str], images, models_dir, args) -> list[dict]:
             )
         for c in args.concurrency:
             for name, url in targets.items():
-                sample(
-                    name,
-                    c,
-                    n,
-                    lambda url=url, c=c, n=n: run_http(
-                        url, images, c, n, args.duration, args.warmup, args.timeout
-                    ),
-                )
+                sample(name, c, n, lambda url=url, c=c, n=n: generate(url, c, n, args.warmup))
+            if ceiling_url:
+                # The generator alone: the same bodies and connections, an answer that costs
+                # nothing. No warm-up: there is nothing to warm.
+                run = functools.partial(generate, ceiling_url, c, n, 0, check=False)
+                sample("ceiling", c, n, run, pause=False)
+    add_headroom(rows)
     return rows
 
 
@@ -250,6 +259,7 @@ COLUMNS = [
     ("p95_ms", "p95 ms"),
     ("p99_ms", "p99 ms"),
     ("errors", "errors"),
+    ("headroom", "headroom"),
     ("client_cpu_cores", "client cores"),
     ("others_cores", "others cores"),
 ]
@@ -278,12 +288,18 @@ def ratios(rows: list[dict]) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    images = load_images(Path(args.images), args.max_files)
+    paths = image_paths(Path(args.images), args.max_files)
+    images = [(p.name, p.read_bytes()) for p in paths]
     print(f"{len(images)} images from {args.images}, {sum(len(d) for _, d in images)} bytes")
+    wrk = args.generator == "wrk"
+    print(f"load generator: {args.generator}" + (f" ({args.wrk.path})" if wrk else ""))
     result = header("load")
     logs = WORK_DIR / "logs"
     models_dir = Path(args.models_dir) if args.models_dir else None
     with contextlib.ExitStack() as stack:
+        # The list of images bench/wrk/predict.lua reads: the same files as the Python clients.
+        image_list = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "images.txt"
+        image_list.write_text("".join(f"{p.resolve()}\n" for p in paths))
         # Both servers are up for the whole run; the one not being measured sits idle.
         if args.start_server:
             url = stack.enter_context(servers.gunicorn(models_dir, logs, args.server_env)).url
@@ -292,13 +308,23 @@ def main(args: argparse.Namespace) -> int:
         targets = {"service": url}
         if args.baseline:
             targets["original"] = stack.enter_context(servers.original(models_dir, logs)).url
+        try:
+            ceiling_url = stack.enter_context(balancer.trivial(logs)).url
+        except RuntimeError as exc:  # no haproxy here: every figure is flagged, none hidden
+            print(f"warning: the generator's ceiling is not measured: {exc}".splitlines()[0])
+            ceiling_url = None
         version = served_version(url)
         if models_dir and version and version != read_latest(models_dir):
             print(f"warning: the server serves {version}, {models_dir}/LATEST names another")
-        rows = measure(targets, images, models_dir, args)
+        rows = measure(targets, images, image_list, ceiling_url, models_dir, args)
 
     print()
-    print_table(rows, COLUMNS)
+    print_table([{**row, "headroom": shown_headroom(row)} for row in rows], COLUMNS)
+    if any(row.get("headroom_flag") for row in rows):
+        print(
+            f"! headroom under {MIN_HEADROOM} (or unknown): the load generator's own ceiling is "
+            "close, so that figure may measure the generator, not the server"
+        )
     summary = ratios(rows)
     if "c16_n1_service_over_original" in summary:
         print(
@@ -322,6 +348,11 @@ def main(args: argparse.Namespace) -> int:
                 "images_per_request": args.images_per_request,
                 "duration_s": args.duration,
                 "warmup_s": args.warmup,
+                "generator": args.generator,
+                "wrk": args.wrk.path if wrk else None,
+                "wrk_threads": args.wrk_threads if wrk else None,
+                "ceiling": "haproxy answering 200 itself" if ceiling_url else None,
+                "min_headroom": MIN_HEADROOM,
                 "models_dir": args.models_dir,
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                 "max_others": args.max_others,

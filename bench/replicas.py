@@ -17,7 +17,8 @@ from pathlib import Path
 from bench import servers
 from bench.balancer import haproxy
 from bench.common import WORK_DIR, header, print_table, write_result
-from bench.load import int_list, load_images, run_http
+from bench.generator import run_http
+from bench.load import int_list, load_images
 from shared.device import usable_cpu_count
 from shared.store import set_latest
 

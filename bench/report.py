@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from bench.common import RESULTS_DIR
+from bench.generator import shown_headroom
 
 
 def _n(value, digits: int = 1) -> str:
@@ -103,6 +104,7 @@ def load(r: dict) -> str:
             _n(x["p95_ms"]),
             _n(x["p99_ms"]),
             x["errors"],
+            shown_headroom(x) or "",
             _n(x.get("others_cores"), 2),
         ]
         for x in r["rows"]
@@ -120,12 +122,26 @@ def load(r: dict) -> str:
                 "p95 ms",
                 "p99 ms",
                 "errors",
+                "headroom",
                 "others, cores",
             ],
             rows,
         )
         + f"\n\n{ratios}\n\n"
+        + generator(r)
         + context(r)
+    )
+
+
+def generator(r: dict) -> str:
+    """Which load generator ran, and what `!` means (results older than it: nothing)."""
+    s = r["settings"]
+    if "generator" not in s:
+        return ""
+    what = f"wrk, {s['wrk_threads']} threads" if s["generator"] == "wrk" else "Python threads"
+    return (
+        f"Load generator: {what}; ceiling: {s['ceiling'] or 'not measured'}; `!`: headroom "
+        f"(ceiling req/s / figure req/s) under {s['min_headroom']} or unknown.\n"
     )
 
 

@@ -30,7 +30,8 @@ def bench(module: str, *args: str, cwd: Path, timeout: float = 300) -> dict:
             *args,
         ],  # args may end in "-- ..."
         cwd=cwd,  # the scripts keep their state in ./volumes/bench
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # This checkout's bench/, wherever the package is installed from.
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -90,17 +91,19 @@ def test_forward_load_reload_and_report(data, tmp_path):
         "load",
         *("--start-server", "--models-dir", str(models), "--images", str(data / "train")),
         *("--concurrency", "2", "--images-per-request", "1,4", "--duration", "1"),
-        *("--warmup", "0.5", "--inprocess", "--baseline"),
+        *("--warmup", "0", "--inprocess", "--baseline"),
         cwd=tmp_path,
     )
     rows = {(r["server"], r["concurrency"], r["images_per_request"]): r for r in load["rows"]}
     assert set(rows) == {
         (server, c, n)
         for n in (1, 4)
-        for server, c in (("inprocess", 1), ("service", 2), ("original", 2))
+        for server, c in (("inprocess", 1), ("service", 2), ("original", 2), ("ceiling", 2))
     }
-    for row in rows.values():
+    for (server, _, _), row in rows.items():
         assert row["errors"] == 0 and row["images_per_sec"] > 0, row
+        # Both servers' figures, and only theirs, are weighed against the generator's ceiling.
+        assert ("headroom" in row) == (server in ("service", "original")), row
 
     reload = bench("reload", "--repeats", "1", "--settle", "0.5", "--jitter", "0", cwd=tmp_path)
     assert len(reload["swaps"]) == 1 and reload["failed"] == 0
@@ -137,7 +140,8 @@ def test_gpu_bench_cpu_smoke_runs_every_step_and_writes_one_json(tmp_path):
     assert [row["batch"] for row in graphs["forward"]] == [1, 8]
     # On the CPU both copies run the same eager pass: identical answers.
     assert graphs["agreement"] and all(c["max_abs_diff"] == 0.0 for c in graphs["agreement"])
+    assert set(result["serving"]) == {"workers_1", "workers_2"}
     for grid in result["serving"].values():
-        assert {(r["concurrency"], r["images_per_request"]) for r in grid["rows"]} == {
-            (c, n) for c in (1, 2) for n in (1, 4)
+        assert {(r["server"], r["concurrency"], r["images_per_request"]) for r in grid["rows"]} == {
+            (server, 2, n) for server in ("service", "ceiling") for n in (1, 4)
         }
