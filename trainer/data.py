@@ -1,22 +1,19 @@
 """Data sources: class folders or torchvision's CIFAR-10, decoded once into uint8 tensors."""
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from shared.classes import CIFAR10_CLASSES
-from shared.preprocess import ImageError, load_rgb, resize_crop
+from shared.preprocess import resize_crop
 from trainer import TrainerError
 from trainer.cache import load_or_decode
+from trainer.decode import decode_into
 
-# Images per decoding task: large enough to amortise the pool, small enough to balance cores.
-CHUNK = 512
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
@@ -82,7 +79,7 @@ def _class_folders(split_dir: Path) -> dict[str, list[os.DirEntry]]:
 
 
 def _decode_folder(
-    split_dir: Path, class_names: list[str], image_size: int, cache_dir: str
+    split_dir: Path, class_names: list[str], image_size: int, cache_dir: str, workers: int
 ) -> Split:
     """Decode every image below split_dir/<class>/ into one uint8 tensor; name unreadable files."""
     files = _class_folders(split_dir)
@@ -102,66 +99,15 @@ def _decode_folder(
     paths = [f"{split_dir.name}/{c}/{e.name}" for c in class_names for e in files[c]]
     stats = [e.stat() for e in entries]
     key_items = [(p, st.st_size, st.st_mtime_ns) for p, st in zip(paths, stats, strict=True)]
+    image_files = [e.path for e in entries]
     images, _ = load_or_decode(
         cache_dir,
         split_dir,
         key_items,
         image_size,
-        lambda: decode_images([e.path for e in entries], image_size),
+        lambda out: decode_into(out, image_files, image_size, workers),
     )
     return Split(torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64), paths)
-
-
-def decode_images(paths: list[str], image_size: int) -> np.ndarray:
-    """Decode image files into one uint8 (N, 3, S, S) array, with every core."""
-    to_tensor = resize_crop(image_size)
-
-    def slow(path: str) -> torch.Tensor:
-        """Any format and size: the serving path (PIL decode, resize, centre crop)."""
-        with open(path, "rb") as f:
-            return to_tensor(load_rgb(f, draft_size=image_size))
-
-    def chunk(out: np.ndarray, paths: list[str]) -> str | None:
-        """Decode `paths` into `out`; the first unreadable file's message, if any."""
-        # Fast path: JPEGs already at image_size (CIFAR at 32 px) decode straight to pixels
-        # in libjpeg-turbo through torchvision, about 2x PIL's cost per image with no resize
-        # work; the pixels are identical to PIL's (checked on all 50,000 CIFAR-10 JPEGs).
-        # Anything else, or a batch with one bad file, takes the PIL path per file.
-        fast = [i for i, p in enumerate(paths) if p.lower().endswith((".jpg", ".jpeg"))]
-        done = set()
-        if fast:
-            try:
-                data = [torch.from_numpy(np.fromfile(paths[i], dtype=np.uint8)) for i in fast]
-                decoded = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-            except (RuntimeError, OSError):
-                decoded = []
-            for i, image in zip(fast, decoded, strict=False):
-                if image.shape == (3, image_size, image_size):
-                    out[i] = image.numpy()
-                    done.add(i)
-        for i, path in enumerate(paths):
-            if i not in done:
-                try:
-                    out[i] = slow(path).numpy()
-                except (ImageError, OSError) as exc:
-                    return f"{path}: {exc}"
-        return None
-
-    out = np.empty((len(paths), 3, image_size, image_size), dtype=np.uint8)
-    starts = range(0, len(paths), CHUNK)
-    # decode_jpeg and PIL's decoder release the GIL, so threads use every core without
-    # pickling the pixels back (measured on 2 cores: 2 processes were slower than 2 threads).
-    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-    try:
-        errors = pool.map(lambda s: chunk(out[s : s + CHUNK], paths[s : s + CHUNK]), starts)
-        bad = [e for e in errors if e]
-    finally:
-        # A Ctrl-C (raised here by the trainer's handler) must not wait for the queued images.
-        pool.shutdown(cancel_futures=True)
-    if bad:
-        more = f" (and errors in {len(bad) - 1} more chunks)" if len(bad) > 1 else ""
-        raise TrainerError(f"unreadable image {bad[0]}{more}")
-    return out
 
 
 def stratified_split(
@@ -181,11 +127,17 @@ def stratified_split(
 
 
 def load_folders(
-    data_dir: Path, image_size: int, valid_ratio: float, seed: int, cache_dir: str = ""
+    data_dir: Path,
+    image_size: int,
+    valid_ratio: float,
+    seed: int,
+    cache_dir: str = "",
+    workers: int = 0,
 ) -> Dataset:
     """Read DIR/train/<class>/*, optional DIR/valid/ and DIR/test/, holding out valid if absent.
 
-    Decoded pixels are cached per folder in `cache_dir` (empty or "none": no cache).
+    Decoded pixels are cached per folder in `cache_dir` (empty or "none": no cache); a cache
+    miss decodes with `workers` processes (trainer.decode.pool_size).
     """
     data_dir = Path(data_dir)
     train_dir = data_dir / "train"
@@ -194,9 +146,9 @@ def load_folders(
     class_names = sorted(_class_folders(train_dir))
     if len(class_names) < 2:
         raise TrainerError(f"{train_dir} needs at least two class folders, found {class_names}")
-    train = _decode_folder(train_dir, class_names, image_size, cache_dir)
+    train = _decode_folder(train_dir, class_names, image_size, cache_dir, workers)
     splits = {
-        name: _decode_folder(data_dir / name, class_names, image_size, cache_dir)
+        name: _decode_folder(data_dir / name, class_names, image_size, cache_dir, workers)
         for name in ("valid", "test")
         if (data_dir / name).is_dir()
     }
