@@ -7,9 +7,11 @@ straight into it, so no pixel travels through a pipe and nothing goes through /d
 (64 MB in a default Docker container).
 """
 
+import ctypes
 import multiprocessing
 import os
 import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -25,6 +27,7 @@ CHUNK = 512
 # With --decode-workers 0 (auto), fewer images than this decode in this process: starting
 # the workers (~1 s) costs more than it saves.
 POOL_MIN_IMAGES = 2 * CHUNK
+PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent ends
 
 
 def _read(path: str) -> bytearray:
@@ -89,9 +92,15 @@ def start_method() -> str:
     return "forkserver" if started else "fork"
 
 
-def _init_worker() -> None:
-    """Workers leave Ctrl-C to the trainer, which stops them."""
+def _init_worker(parent: int | None) -> None:
+    """Workers leave Ctrl-C to the trainer, which stops them (SIGTERM: the default, quiet
+    end, not the trainer's handler they inherit); they end with a trainer killed outright."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform == "linux":  # a forked worker holds the task pipe open: it would wait forever
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if parent is not None and os.getppid() != parent:  # the trainer died before prctl
+        os._exit(1)
 
 
 def pool_size(count: int, workers: int) -> int:
@@ -127,7 +136,8 @@ def _in_pool(n, target, offset, starts, chunk, paths, image_size) -> list[str | 
     context = multiprocessing.get_context(start_method())
     if context.get_start_method() == "forkserver":
         context.set_forkserver_preload([__name__])  # the server imports torch once for all
-    pool = ProcessPoolExecutor(n, mp_context=context, initializer=_init_worker)
+    parent = os.getpid() if context.get_start_method() == "fork" else None
+    pool = ProcessPoolExecutor(n, mp_context=context, initializer=_init_worker, initargs=(parent,))
     try:
         futures = [
             pool.submit(_decode_task, target, offset, s, paths[s : s + chunk], image_size)
