@@ -12,7 +12,10 @@ Steps, each a benchmark script run as a user runs it, results gathered into one 
    recipe;
 4. time_to_accuracy: the device's default recipe, no recipe flags: per-epoch valid accuracy
    and wall time from launch;
-5. serving: bench.load against Gunicorn with DEVICE set, 1/16/64 clients x 1/32 images per
+5. cuda_graphs: bench.graphs on the trained model: graphed vs eager forward (batch 1/8/32/64),
+   one image in process with decode, graphs on and off, and their agreement (a disagreement
+   keeps the figures and fails the run at the end);
+6. serving: bench.load against Gunicorn with DEVICE set, 1/16/64 clients x 1/32 images per
    request, WORKERS=1 and WORKERS=4.
 """
 
@@ -87,6 +90,24 @@ def bench(module: str, out: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
+def cuda_graphs(work: Path, models: Path, data: Path, device: str, smoke: bool) -> dict:
+    """bench.graphs on the trained model; when it reports a disagreement, its figures are kept
+    beside the error."""
+    out = work / "graphs.json"
+    out.unlink(missing_ok=True)
+    short = ["--iterations", "5", "--rounds", "1", "--batch-sizes", "1,8", "--check-sizes", "1,3"]
+    short = short if smoke else []
+    result = bench(
+        "graphs",
+        out,
+        *("--models-dir", str(models), "--images", str(data / "train"), "--device", device),
+        *short,
+    )
+    if "error" in result and out.is_file():
+        result = json.loads(out.read_text()) | {"error": result["error"]}
+    return result
+
+
 def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     work = Path(args.work_dir)
@@ -126,6 +147,7 @@ def main(args: argparse.Namespace) -> int:
         *accuracy,
     )
     models = work / "tta" / "models"
+    result["cuda_graphs"] = cuda_graphs(work, models, data, device, args.cpu_smoke)
     result["serving"] = {}
     for n in workers:
         result["serving"][f"workers_{n}"] = bench(

@@ -53,7 +53,13 @@ def publish_model(
     model = build_model(meta_overrides.get("arch", "resnet18"), len(CIFAR10_CLASSES))
     with torch.no_grad():
         model.fc.weight.mul_(20)
-    meta = {
+    meta = model_meta(seed, **meta_overrides)
+    return open_store(models_dir).publish(model.state_dict(), meta, make_latest=make_latest)
+
+
+def model_meta(seed: int = 0, **overrides) -> dict:
+    """The model.json fields a publisher supplies for a CIFAR-10 ResNet-18 (overrides win)."""
+    return {
         "run_id": f"test-{seed}",
         "arch": "resnet18",
         "class_names": list(CIFAR10_CLASSES),
@@ -62,9 +68,8 @@ def publish_model(
         "std": list(CIFAR10_STD),
         "metrics": {"valid_acc": 0.1},
         "config": {"seed": seed},
-        **meta_overrides,
+        **overrides,
     }
-    return open_store(models_dir).publish(model.state_dict(), meta, make_latest=make_latest)
 
 
 class Server:

@@ -100,6 +100,13 @@ SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "test-time augmentation: auto applies what model.json names (hflip: mean of the image "
         "and its mirror, as the published accuracy), off never",
     ),
+    "CUDA_GRAPHS": (
+        "auto",
+        _choice("auto", "off"),
+        "auto: on a GPU, capture the forward pass as CUDA graphs for batch sizes 1, 2, 4, ... up "
+        "to BATCH_MAX_IMAGES at each model load (eager if capture fails); off: always eager. "
+        "Unused on the CPU",
+    ),
     "MAX_UPLOAD_MB": (10.0, _positive(float), "largest request body, MiB (413 above)"),
     "MAX_FILES": (64, _positive(int), "most `file` parts in one request (413 above)"),
     "MODEL_POLL_SECONDS": (2.0, _positive(float), "seconds between reads of LATEST in MODELS_DIR"),

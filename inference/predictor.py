@@ -21,6 +21,7 @@ import torch
 
 from inference import metrics
 from inference.batcher import MicroBatcher
+from inference.graphs import GraphedForward, capture
 from shared.device import resolve_device, usable_cpu_count
 from shared.model import for_inference
 from shared.precision import Choice, measure_serving, memory_format
@@ -46,6 +47,9 @@ class ServedModel:
     # "hflip": average each image's probabilities with its mirror's, as the published accuracy
     # did (model.json "tta"); "off" otherwise.
     tta: str = "off"
+    # CUDA_GRAPHS ("auto": capture on a GPU, "off": never) and the largest batch to capture.
+    cuda_graphs: str = "auto"
+    max_batch: int = 64
     loaded_at: str = field(default_factory=now_iso)
 
     def __post_init__(self) -> None:
@@ -62,6 +66,18 @@ class ServedModel:
         self.loaded.model = for_inference(self.loaded.model, bf16, channels_last)
         self._dtype = torch.bfloat16 if bf16 else torch.float32
         self._format = memory_format(channels_last)
+        # On a GPU, graphs of the whole pass are captured here, before the version serves.
+        # CPU: eager, as before (see inference/graphs.py).
+        self.graphs: GraphedForward | None = None
+        if self.loaded.device.type != "cuda":
+            self.graphs_note = "off (CPU)"
+        elif self.cuda_graphs == "off":
+            self.graphs_note = "off (CUDA_GRAPHS=off)"
+        else:
+            shape = (3, self.image_size, self.image_size)
+            self.graphs, self.graphs_note = capture(
+                self._forward, shape, self.loaded.device, self.max_batch, self._dtype
+            )
 
     @property
     def version(self) -> str:
@@ -72,16 +88,24 @@ class ServedModel:
         """Decode one uploaded file to uint8 (3, S, S); raises ImageError for unusable files."""
         return self._to_tensor(load_rgb(data, draft_size=self.image_size))
 
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Probabilities, float32 (n, classes), for uint8 images (n, 3, S, S) on the device;
+        the whole pass a graph captures (no host copy, no sync in it)."""
+        x = self._normalize(images).to(self._dtype).contiguous(memory_format=self._format)
+        probs = self.loaded.model(x).float().softmax(dim=1)
+        if self.tta == "hflip":
+            probs = (probs + self.loaded.model(x.flip(3)).float().softmax(dim=1)) / 2
+        return probs
+
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities, float32 (n, classes) on the CPU, for uint8 images (n, 3, S, S)."""
+        if self.graphs is not None:
+            probs = self.graphs.run(images)
+            if probs is not None:
+                return probs
         with torch.inference_mode():
-            # Move uint8 (4x smaller than float) to the device, normalize there.
-            x = self._normalize(images.to(self.loaded.device, non_blocking=True))
-            x = x.to(self._dtype).contiguous(memory_format=self._format)
-            probs = self.loaded.model(x).float().softmax(dim=1)
-            if self.tta == "hflip":
-                probs = (probs + self.loaded.model(x.flip(3)).float().softmax(dim=1)) / 2
-            return probs.cpu()
+            # Move uint8 (4x smaller than float) to the device, normalize there; one copy back.
+            return self._forward(images.to(self.loaded.device, non_blocking=True)).cpu()
 
     def warm_up(self) -> None:
         """Run one forward pass; raise StoreError if the output is not what the meta promises."""
@@ -102,6 +126,8 @@ class ModelHolder:
         cache_dir: str | Path | None = None,
         channels_last: str = "auto",
         tta: str = "auto",
+        cuda_graphs: str = "auto",
+        max_batch: int = 64,
     ) -> None:
         self.store = open_store(models_dir, cache_dir=cache_dir)
         self.models_dir = self.store.location
@@ -109,6 +135,8 @@ class ModelHolder:
         self.amp = amp
         self.channels_last = channels_last
         self.tta = tta
+        self.cuda_graphs = cuda_graphs
+        self.max_batch = max_batch
         self.poll_seconds = poll_seconds
         self.current: ServedModel | None = None  # replaced, never mutated: reads need no lock
         self.latest: str | None = None  # what LATEST said at the last poll
@@ -168,15 +196,17 @@ class ModelHolder:
             )
             self._choices[key] = choice
         tta = loaded.meta.get("tta", "off") if self.tta == "auto" else "off"
+        served = ServedModel(loaded, choice, tta, self.cuda_graphs, self.max_batch)
         log.info(
-            "version %s: %s %s, tta %s: %s",
+            "version %s: %s %s, tta %s: %s; CUDA graphs %s",
             loaded.version,
             choice.precision,
             choice.memory_format,
             tta,
             choice.reason,
+            served.graphs_note,
         )
-        return ServedModel(loaded, choice, tta)
+        return served
 
     def _unreachable(self, exc: StoreUnreachable) -> None:
         if self.store_error is None:
@@ -251,6 +281,8 @@ class Predictor:
             config["MODEL_CACHE_DIR"],
             config["CHANNELS_LAST"],
             config["TTA"],
+            config["CUDA_GRAPHS"],
+            config["BATCH_MAX_IMAGES"],
         )
         self.batcher = MicroBatcher(
             run_batch=lambda served, images: served.probabilities(images),

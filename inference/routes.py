@@ -246,6 +246,7 @@ def model_info() -> ResponseReturnValue:
             "memory_format": served.choice.memory_format if served else None,
             "precision_reason": served.choice.reason if served else None,
             "tta": served.tta if served else None,
+            "cuda_graphs": served.graphs_note if served else None,
             "latest": holder.latest,
             "models_dir": holder.models_dir,
             "store_reachable": holder.store_error is None,

@@ -5,7 +5,8 @@
 # the class-folder layout, train 1 epoch, serve it, POST three images with curl, train again
 # and see the running server pick up the new version without a restart, check nobody runs as
 # root and the files written are the user's, an unwritable volume and a missing GPU explained.
-# Then (scripts/e2e-scale.sh) the scaled flow: 3 replicas behind the HAProxy load balancer.
+# Then (scripts/e2e-scale.sh) the scaled flow: 3 replicas behind the HAProxy load balancer;
+# and (scripts/e2e-s3.sh) the model store on a SeaweedFS container: train into it, serve from it.
 # Containers are removed at exit, pass or fail. On a machine with Docker (no root needed) it
 # uses that Docker and python:3.11-slim; where Docker is missing (CI) it provisions both.
 #
@@ -83,7 +84,8 @@ cleanup() {
   if [[ $failed -gt 0 ]]; then
     compose logs --no-color --tail 80 inference 2>/dev/null || true
   fi
-  compose down --remove-orphans --timeout 45 >/dev/null 2>&1 || true
+  # With the S3 override: its service and its named volume go too (-v).
+  compose -f docker-compose.s3.yml down -v --remove-orphans --timeout 45 >/dev/null 2>&1 || true
   if [[ ${E2E_KEEP:-0} == 1 ]]; then
     echo "kept $WORK"
   else
@@ -292,6 +294,11 @@ fi
 # shellcheck source=scripts/e2e-scale.sh
 source scripts/e2e-scale.sh
 # ---- end of scaled serving ----
+
+# ---- Model store on S3: the SeaweedFS service of docker-compose.s3.yml (its own file) ----
+# shellcheck source=scripts/e2e-s3.sh
+source scripts/e2e-s3.sh
+# ---- end of the S3 store ----
 
 step "done"
 summary

@@ -13,7 +13,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m shared", description=__doc__)
     parser.add_argument(
         "--models-dir",
-        default=str(store.default_models_dir()),
+        default=store.default_models_dir(),
         help="model store: a folder or s3://bucket/prefix (env MODELS_DIR; default volumes/models)",
     )
     verbs = parser.add_subparsers(dest="verb", required=True)

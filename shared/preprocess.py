@@ -116,9 +116,43 @@ def resize_crop(image_size: int) -> v2.Compose:
     )
 
 
-def normalize_batch(mean: list[float], std: list[float]) -> v2.Compose:
+class BatchNormalizer:
+    """uint8 (..., 3, H, W) -> float32 scaled to [0, 1], minus mean, over std (per channel).
+
+    The arithmetic of torchvision's v2.ToDtype(float32, scale=True) + v2.Normalize, bit for bit,
+    but with mean and std placed on each device once: v2.Normalize builds them from Python lists
+    on every call, i.e. two small host->device copies per batch on a GPU, which a CUDA graph
+    cannot capture (inference/graphs.py).
+    """
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        if not all(std):
+            raise ValueError("std must not contain zeros")
+        self.mean, self.std = list(mean), list(std)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize `x` on its own device."""
+        constants = self._on.get(x.device)
+        if constants is None:
+            constants = tuple(
+                torch.tensor(v, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+                for v in (self.mean, self.std)
+            )
+            self._on[x.device] = constants
+        mean, std = constants
+        # Float input is only cast, and then not modified in place (x.float() may be x itself).
+        scaled = x.float() if x.is_floating_point() else x.float().mul_(1.0 / _int_max(x.dtype))
+        return scaled.sub(mean).div_(std)
+
+
+def _int_max(dtype: torch.dtype) -> int:
+    return torch.iinfo(dtype).max
+
+
+def normalize_batch(mean: list[float], std: list[float]) -> BatchNormalizer:
     """Return the tail shared by all paths: uint8 (..., 3, H, W) -> normalized float32."""
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return BatchNormalizer(mean, std)
 
 
 def eval_transform(meta: dict) -> v2.Compose:

@@ -82,9 +82,9 @@ class LoadedModel:
     device: torch.device
 
 
-def default_models_dir() -> Path:
-    """MODELS_DIR from the environment, else ./volumes/models."""
-    return Path(os.environ.get("MODELS_DIR", "volumes/models"))
+def default_models_dir() -> str:
+    """MODELS_DIR from the environment, else ./volumes/models (a str: s3:// URLs stay whole)."""
+    return os.environ.get("MODELS_DIR", "volumes/models")
 
 
 def new_version_name(now: datetime | None = None) -> str:

@@ -65,12 +65,32 @@ def init_distributed_mode(device_choice: str) -> Dist:
             )
         device = torch.device("cuda", local_rank)  # one GPU per process, whatever cuda:N said
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group(
+            "nccl", device_id=device, store=attempt_store(), rank=rank, world_size=world_size
+        )
         control = dist.new_group(backend="gloo")
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", store=attempt_store(), rank=rank, world_size=world_size)
         control = None  # the default group is gloo already
     return Dist(device, rank, world_size, local_rank, control)
+
+
+def attempt_store() -> dist.Store | None:
+    """The store this attempt of the worker group meets in; None: torchrun's env:// default.
+
+    torchrun (2.5 and later) serves one TCPStore from its agent for the whole job and hands it
+    to every restart unprefixed, so a restarted group would read the addresses the killed one
+    left there (gloo's `rank_N` keys) and wait on a dead process for the whole timeout
+    (pytorch#135712). A prefix per restart keeps each attempt's keys apart. The restart count
+    is per agent: on several nodes, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead
+    (torchrun then starts a fresh store for every attempt and this returns None).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False
+    )
+    return dist.PrefixStore(f"trainer/attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def close(d: Dist) -> None:

@@ -140,6 +140,11 @@ def test_gpu_bench_cpu_smoke_runs_every_step_and_writes_one_json(tmp_path):
     assert result["decode"]["first_seconds"] > 0 and result["decode"]["cached_seconds"] > 0
     assert result["train_throughput"]["ratios"]["a_over_b"] > 0
     assert [r["epoch"] for r in result["time_to_accuracy"]["epochs"]] == [1]
+    graphs = result["cuda_graphs"]
+    assert graphs["graphs"] == "off (CPU)" and graphs["failed"] == []
+    assert [row["batch"] for row in graphs["forward"]] == [1, 8]
+    # On the CPU both copies run the same eager pass: identical answers.
+    assert graphs["agreement"] and all(c["max_abs_diff"] == 0.0 for c in graphs["agreement"])
     for grid in result["serving"].values():
         assert {(r["concurrency"], r["images_per_request"]) for r in grid["rows"]} == {
             (c, n) for c in (1, 2) for n in (1, 4)

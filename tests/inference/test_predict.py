@@ -150,6 +150,10 @@ def test_predictions_equal_in_process_evaluation_of_the_same_model(server, serve
     assert info["precision"] in allowed
     assert info["memory_format"] in ("channels_last", "contiguous")
     assert "fastest forward" in info["precision_reason"] and "ms" in info["precision_reason"]
+    if info["device"] == "cpu":
+        assert info["cuda_graphs"] == "off (CPU)"
+    else:
+        assert info["cuda_graphs"].startswith("batch sizes 1, 2, 4"), info["cuda_graphs"]
     assert_served_like_in_process(server, models_dir, version, info["precision"])
 
 

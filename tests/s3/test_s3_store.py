@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
+from bench.servers import model_meta
 from shared import s3store, store
-from shared.classes import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from shared.model import build_model
 from shared.stores import open_store
 from tests.conftest import REPO, publish_random_model
@@ -39,10 +39,14 @@ def get(seaweed, url: str, key: str) -> bytes:
     return seaweed.client().get_object(Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read()
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m shared ARGS` for real (the AWS variables come from the environment)."""
     return subprocess.run(
-        [sys.executable, "-m", "shared", *args], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "shared", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -91,21 +95,9 @@ def test_s3_existing_version_is_never_overwritten(
     monkeypatch.setattr(
         s3store, "version_name_after", lambda taken: next(names, None) or real(taken)
     )
-    second = models.publish(build_model("resnet18", 10).state_dict(), _meta())
+    second = models.publish(build_model("resnet18", 10).state_dict(), model_meta())
     assert second != first and models.list_versions() == [first, second]
     assert get(seaweed, s3_url, f"{first}/model.pt") == before
-
-
-def _meta() -> dict:
-    """model.json fields a publisher supplies (a CIFAR-10 resnet18)."""
-    return {
-        "arch": "resnet18",
-        "class_names": list(CIFAR10_CLASSES),
-        "image_size": 32,
-        "mean": list(CIFAR10_MEAN),
-        "std": list(CIFAR10_STD),
-        "metrics": {"valid_acc": 0.1},
-    }
 
 
 def test_s3_server_supports_conditional_writes(s3_url, seaweed):
@@ -199,6 +191,8 @@ def test_s3_cli_lists_promotes_and_rolls_back(s3_url):
     listing = run_cli("--models-dir", s3_url, "list")
     assert listing.returncode == 0, listing.stderr
     assert f"* {second}" in listing.stdout and f"  {first}" in listing.stdout
+    # MODELS_DIR alone (as compose sets it) names the same store: the URL is kept whole.
+    assert run_cli("list", env={"MODELS_DIR": s3_url}).stdout == listing.stdout
     assert run_cli("--models-dir", s3_url, "rollback").returncode == 0
     assert open_store(s3_url).read_latest() == first
     assert run_cli("--models-dir", s3_url, "promote", second).returncode == 0

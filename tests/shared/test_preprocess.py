@@ -4,6 +4,7 @@ import struct
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from shared.preprocess import (
     MAX_IMAGE_PIXELS,
@@ -136,6 +137,24 @@ def test_eval_transform_is_resize_then_shared_tail():
     full = eval_transform(META)(im)
     tail = normalize_batch(META["mean"], META["std"])(resize_crop(32)(im).unsqueeze(0))[0]
     assert torch.equal(full, tail)
+
+
+def test_normalize_batch_is_torchvision_to_dtype_and_normalize_bit_for_bit():
+    """The shared tail keeps torchvision's arithmetic exactly, for uint8 and float batches, and
+    leaves a float input unmodified."""
+    mean, std = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    normalize = normalize_batch(mean, std)
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    for _ in range(2):  # the second call uses the constants kept from the first
+        assert torch.equal(normalize(images), reference(images))
+    floats = torch.rand(2, 3, 8, 8)
+    before = floats.clone()
+    assert torch.equal(normalize(floats), reference(floats))
+    assert torch.equal(floats, before)
+    with pytest.raises(ValueError, match="std"):
+        normalize_batch(mean, [0.2, 0.0, 0.2])
 
 
 def test_augment_batch_draws_per_image_and_keeps_pixels():

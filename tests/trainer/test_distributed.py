@@ -7,8 +7,10 @@ is set (observation only: trainer/distributed.py::debug_record).
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -19,15 +21,27 @@ from tests.conftest import REPO, make_image_folders, run_trainer
 FAST = ["--weights", "none", "--batch-size", "32", "--lr", "0.05", "--device", "cpu"]
 FAST += ["--image-size", "16", "--epochs", "2"]
 pytestmark = pytest.mark.slow
+# Two starts of two processes and 2 tiny epochs; a restarted group that cannot form would
+# otherwise wait until the test runner gives up.
+RESTART_TEST_TIMEOUT_S = 240
+
+
+def torchrun_command(*args, nproc=2, launcher=()):
+    """`torchrun --standalone --nproc-per-node N [launcher options] -m trainer ARGS`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*command, f"--nproc-per-node={nproc}", *launcher, "-m", "trainer", *args]
 
 
 def torchrun(*args, nproc=2, env=None, timeout=900):
-    """`torchrun --standalone --nproc-per-node N -m trainer ARGS`."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc-per-node={nproc}", "-m", "trainer", *args]
+    """Run torchrun_command(ARGS) to the end."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+        torchrun_command(*args, nproc=nproc),
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -107,6 +121,54 @@ def test_two_processes_follow_one_process_with_the_same_global_batch(tmp_path, d
     loss1, loss2 = float(one[0]["train_loss"]), float(two[0]["train_loss"])
     assert abs(loss1 - loss2) <= 0.15 * loss1, (one, two)
     assert float(one[-1]["train_acc"]) > 0.2 and float(two[-1]["train_acc"]) > 0.2, (one, two)
+
+
+def test_killed_rank_is_restarted_and_the_run_resumes_and_publishes_once(tmp_path):
+    # Smaller than `data` (2 steps of 16 images per epoch) and one layout and precision (no
+    # timing at start): the two starts of torch dominate the time.
+    data = make_image_folders(tmp_path / "data", per_class=4, splits=("train", "valid"))
+    args = ["--data-dir", str(data), *FAST, "--batch-size", "16", "--epochs", "2"]
+    args += ["--amp", "off", "--channels-last", "off", *dirs(tmp_path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINER_DEBUG_DIR": str(tmp_path / "debug")}
+    command = torchrun_command(*args, launcher=["--max-restarts=1"])
+    out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True
+        )
+    try:
+        # Once rank 0 has saved epoch 1 (metrics.csv is written after last.pt), SIGKILL the
+        # worker process of rank 1 (not torchrun): torchrun restarts both workers.
+        record = tmp_path / "debug" / "rank1-epoch1.json"
+        deadline = time.monotonic() + RESTART_TEST_TIMEOUT_S
+        while not (record.exists() and list((tmp_path / "runs").glob("*/metrics.csv"))):
+            assert proc.poll() is None, out_path.read_text() + err_path.read_text()
+            assert time.monotonic() < deadline, "no epoch saved in time"
+            time.sleep(0.02)
+        before = metrics(tmp_path)
+        killed = json.loads(record.read_text())["pid"]
+        os.kill(killed, signal.SIGKILL)
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:  # hung (e.g. a restarted group that never forms): no leftovers
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out, err = out_path.read_text(), err_path.read_text()
+    assert proc.returncode == 0, out + err
+    (run,) = (tmp_path / "runs").iterdir()
+    resumed = [line for line in out.splitlines() if line.startswith("resuming run")]
+    assert len(resumed) == 1 and resumed[0].startswith(f"resuming run {run.name} after epoch ")
+    after = int(resumed[0].rsplit(" ", 1)[1])
+    # Not from scratch and not after the end: from the last epoch saved before the kill.
+    assert len(before) <= after < 2, (before, resumed)
+    rows = metrics(tmp_path)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert rows[: len(before)] == before  # the epochs before the kill are kept as they were
+    # The epochs after the resume were trained by new processes.
+    assert debug(tmp_path, 1, after + 1)["pid"] != killed
+    (version,) = store.list_versions(tmp_path / "models")
+    assert store.read_meta(tmp_path / "models", version)["run_id"] == run.name
+    assert out.count("published model version") == 1
 
 
 def test_global_batch_that_does_not_split_evenly_is_a_one_line_error(tmp_path, data):
