@@ -30,7 +30,8 @@ def bench(module: str, *args: str, cwd: Path, timeout: float = 300) -> dict:
             *args,
         ],  # args may end in "-- ..."
         cwd=cwd,  # the scripts keep their state in ./volumes/bench
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # This checkout's code, whatever the environment has installed.
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
         timeout=timeout,
