@@ -6,7 +6,8 @@
 Steps, each a benchmark script run as a user runs it, results gathered into one JSON:
 1. setup: Flask and Gunicorn from the wheels in .whl/ when missing (the GPU machine has no
    index), the CIFAR-10 JPEGs from .data/cifar10-train-jpg.tar.gz when not yet extracted;
-2. decode: the trainer's data loading with an empty cache (first decode) and again (cached);
+2. decode (bench.decode): the trainer's data loading with an empty cache (first decode), again
+   (cached), and with no cache;
 3. train_throughput: (a) trainer, (b) bare step, (c) original-style DataLoader at the device's
    recipe;
 4. time_to_accuracy: the device's default recipe, no recipe flags: per-epoch valid accuracy
@@ -22,7 +23,6 @@ Steps, each a benchmark script run as a user runs it, results gathered into one 
 import argparse
 import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from bench.common import WORK_DIR, header, write_result
+from bench.decode import measure as measure_decode
 
 WHEELS = Path(".whl")
 TARBALL = Path(".data/cifar10-train-jpg.tar.gz")
@@ -91,25 +92,6 @@ def tiny_data(root: Path) -> Path:
     return root
 
 
-def decode(data: Path, cache: Path) -> dict:
-    """Seconds to load the data set: first with an empty cache, then from the cache."""
-    code = (
-        # Imports first: the figure is the loading alone, as the trainer's "loaded in" line.
-        "import time; from trainer.data import load_folders; t = time.perf_counter(); "
-        f"load_folders({str(data)!r}, 32, 0.1, 0, cache_dir={str(cache)!r}); "
-        "print(time.perf_counter() - t)"
-    )
-    shutil.rmtree(cache, ignore_errors=True)
-    times = {}
-    for name in ("first_seconds", "cached_seconds"):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(f"error: decode step failed: {out.stderr[-500:]}")
-        times[name] = round(float(out.stdout.split()[-1]), 3)
-    times["speedup"] = round(times["first_seconds"] / max(times["cached_seconds"], 1e-9), 1)
-    return times
-
-
 def bench(module: str, out: Path, *args: str) -> dict:
     """Run `python -m bench.<module> --out OUT ARGS`; its JSON result."""
     command = [sys.executable, "-m", f"bench.{module}", "--out", str(out), *args]
@@ -162,7 +144,7 @@ def main(args: argparse.Namespace) -> int:
         grid += ["--warmup", "2"]
     result = header("gpu")
     result["mode"] = "cpu-smoke" if args.cpu_smoke else "gpu"
-    result["decode"] = decode(data, work / "decode-cache")
+    result["decode"] = measure_decode(data, work / "decode-cache")
     print("decode:", result["decode"], flush=True)
     result["train_throughput"] = bench(
         "train_throughput",

@@ -22,7 +22,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -117,16 +117,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, *chunks: bytes | memoryview) -> None:
-    """Write `chunks` to `path` so readers see the old file or the whole new one, never a part."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A unique temporary path beside `path`: the file the block writes there is fsynced and
+    renamed to `path` when the block ends without error, else removed. Readers see the old
+    file or the whole new one, never a part."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:  # several buffers: a large array is written without a copy
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:  # also writes the pages that writers changed through a shared memory map
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         # Usually gone (renamed); on a read-only folder unlink fails too, and must not hide
@@ -134,6 +138,13 @@ def atomic_write_bytes(path: Path, *chunks: bytes | memoryview) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, *chunks: bytes | memoryview) -> None:
+    """Write `chunks` to `path` so readers see the old file or the whole new one, never a part."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for chunk in chunks:  # several buffers: a large array is written without a copy
+            f.write(chunk)
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:

@@ -186,6 +186,7 @@ def load_data(config: dict) -> Dataset:
             config["valid_ratio"],
             config["seed"],
             config.get("cache_dir", ""),
+            config.get("decode_workers", 0),
         )
     return load_torchvision(
         Path(config["download_dir"]), config["image_size"], config["valid_ratio"], config["seed"]

@@ -10,10 +10,13 @@ and rebuilt. Writers write a uniquely named temporary file and rename it into pl
 trainers starting at once each leave a whole file and readers never see a part.
 """
 
+import contextlib
 import hashlib
 import json
+import os
 import struct
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,13 +24,15 @@ import numpy as np
 import PIL
 import torchvision
 
-from shared.store import atomic_write_bytes
+from shared.store import atomic_path
 
 # Bump when the decoding code changes the pixels it produces.
 CACHE_FORMAT = 1
 MAGIC = b"T10DCACH"
 ALIGN = 64
 DEFAULT_CACHE_DIR = "volumes/cache/decoded"
+# decode(out): fill the uint8 (N, 3, S, S) array `out` (a file mapping, or memory).
+Decode = Callable[[np.ndarray], None]
 
 
 def cache_key(files: list[tuple[str, int, int]], image_size: int) -> str:
@@ -74,15 +79,36 @@ def _read(path: Path, key: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=shape)
 
 
-def _write(path: Path, key: str, images: np.ndarray) -> None:
-    """Write the cache file atomically: a unique temporary name, fsync, then rename."""
+def _write(path: Path, key: str, shape: tuple[int, ...], decode: Decode) -> None:
+    """Decode into a new cache file atomically: a unique temporary file that the decoder fills
+    in place (header first), fsync, then rename."""
     header = json.dumps(
-        {"format": CACHE_FORMAT, "key": key, "shape": list(images.shape), "dtype": "uint8"}
+        {"format": CACHE_FORMAT, "key": key, "shape": list(shape), "dtype": "uint8"}
     ).encode()
     prefix = MAGIC + struct.pack("<I", len(header)) + header
     prefix += b"\0" * (-len(prefix) % ALIGN)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, prefix, np.ascontiguousarray(images).data)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(prefix)
+            f.flush()
+            # Allocated now: a full disk is an OSError here, not a SIGBUS in a worker later.
+            os.posix_fallocate(f.fileno(), len(prefix), int(np.prod(shape)))
+        decode(np.memmap(tmp, dtype=np.uint8, mode="r+", offset=len(prefix), shape=shape))
+
+
+def _decode_in_memory(shape: tuple[int, ...], decode: Decode) -> np.ndarray:
+    """Decode into an unnamed temporary file (so that worker processes can write it) and keep
+    it mapped; into memory, in this process, where no temporary file can be made."""
+    with contextlib.ExitStack() as stack:  # the file goes at the end; its mapping stays
+        try:
+            tmp = stack.enter_context(tempfile.NamedTemporaryFile(prefix="decoded-"))
+            os.posix_fallocate(tmp.fileno(), 0, int(np.prod(shape)))
+            out = np.memmap(tmp.name, dtype=np.uint8, mode="r+", shape=shape)
+        except (OSError, ValueError):  # no room for a temporary file; ValueError: no images
+            out = np.zeros(shape, dtype=np.uint8)
+        decode(out)
+    return out
 
 
 def load_or_decode(
@@ -90,17 +116,17 @@ def load_or_decode(
     split_dir: Path,
     files: list[tuple[str, int, int]],
     image_size: int,
-    decode: Callable[[], np.ndarray],
+    decode: Decode,
 ) -> tuple[np.ndarray, str]:
     """The (N, 3, S, S) uint8 pixels of `files` ((relative path, size, mtime_ns) each), from
-    the cache or from `decode()`, and "hit", "miss" or "off".
+    the cache or from `decode(out)`, and "hit", "miss" or "off".
 
     `cache_dir` empty or "none" disables the cache. A cache that can't be read or written is
     reported in one line on stderr and the images are decoded; it is never an error.
     """
-    if cache_dir in ("", "none"):
-        return decode(), "off"
     shape = (len(files), 3, image_size, image_size)
+    if cache_dir in ("", "none"):
+        return _decode_in_memory(shape, decode), "off"
     path = cache_path(Path(cache_dir), split_dir, image_size)
     key = cache_key(files, image_size)
     if path.exists():
@@ -108,9 +134,10 @@ def load_or_decode(
             return _read(path, key, shape), "hit"
         except (OSError, ValueError) as exc:
             print(f"cache {path} unusable ({exc}); decoding again", file=sys.stderr)
-    images = decode()
     try:
-        _write(path, key, images)
-    except OSError as exc:
-        print(f"cache {path} not written ({exc.strerror or exc}); continuing", file=sys.stderr)
-    return images, "miss"
+        _write(path, key, shape, decode)
+        return _read(path, key, shape), "miss"
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        print(f"cache {path} not written ({reason}); continuing", file=sys.stderr)
+    return _decode_in_memory(shape, decode), "miss"

@@ -89,6 +89,9 @@ RECIPE_OPTIONS = [
      "memory layout: channels_last or contiguous; auto: the faster, timed at start"),
     ("--cache-dir", "CACHE_DIR", str, "volumes/cache/decoded", None,
      "where decoded images are cached (uint8, one file per folder); '' or none: no cache"),
+    ("--decode-workers", "DECODE_WORKERS", int, 0, None,
+     "processes decoding images when the cache misses; 0: one per core (none below 1,024 "
+     "images), 1: decode in the trainer's own process"),
 ]
 # fmt: on
 

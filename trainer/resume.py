@@ -11,7 +11,7 @@ from trainer.run import RunDir
 # Options a resumed run may change: --epochs (the one-cycle schedule is re-planned over the
 # new total), and where things are read or written, which does not change the result.
 # Every other option is part of the run and must stay as the run's config.json has it.
-CHANGEABLE = ("epochs", "models_dir", "runs_dir", "download_dir", "cache_dir")
+CHANGEABLE = ("epochs", "models_dir", "runs_dir", "download_dir", "cache_dir", "decode_workers")
 
 
 def torchrun_job() -> str | None:

@@ -119,6 +119,14 @@ def test_forward_load_reload_and_report(data, tmp_path):
     assert report.stdout.count("### ") == 3
 
 
+def test_decode_times_the_first_the_cached_and_the_uncached_load(data, tmp_path):
+    cache = tmp_path / "cache"
+    result = bench("decode", "--data-dir", str(data), "--cache-dir", str(cache), cwd=tmp_path)
+    times = result["decode"]
+    assert min(times["first_seconds"], times["cached_seconds"], times["off_seconds"]) > 0
+    assert len(list(cache.iterdir())) == 1  # the file the cached load read
+
+
 def test_gpu_bench_cpu_smoke_runs_every_step_and_writes_one_json(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
