@@ -274,7 +274,9 @@ def main(args: argparse.Namespace) -> int:
         if config.get("compile") == "on":
             model = torch.compile(model)
         evaluated = ema.model if ema is not None else net  # validated and published
-        steps_per_epoch = max(1, len(data.train) // config["batch_size"])
+        # A time budget on a slow machine may train on part of each epoch (recipe.plan).
+        epoch_images = min(len(data.train), config.get("epoch_images") or len(data.train))
+        steps_per_epoch = max(1, epoch_images // config["batch_size"])
         opt, sched = make_optimizer(net, config, steps_per_epoch)
         history, best_acc, start_epoch = [], -1.0, 0
         if state is not None:
@@ -300,7 +302,7 @@ def main(args: argparse.Namespace) -> int:
             lr = sched.get_last_lr()[0]
             batches = ddp.epoch_batches(  # ddp: this rank's shard of the epoch's permutation
                 len(data.train), config["batch_size"], config["seed"], epoch, d
-            )
+            )[:steps_per_epoch]
             with tqdm(
                 total=batches.numel(),
                 unit="img",

@@ -126,6 +126,7 @@ def plan_epochs(
     epoch_seconds: float,
     finish_seconds: float,
     margin: float = 0.1,
+    at_least: int = 1,
 ) -> int:
     """Epochs that fit: launch to published within `budget` seconds.
 
@@ -134,7 +135,7 @@ def plan_epochs(
     kept back for what the estimate misses (noise from other work, a slower epoch).
     """
     left = budget * (1 - margin) - elapsed - finish_seconds
-    return max(1, math.floor(left / max(epoch_seconds, 1e-6)))
+    return max(at_least, math.floor(left / max(epoch_seconds, 1e-6)))
 
 
 def launched_at() -> float:
@@ -179,26 +180,38 @@ def measure_training(model, train, config: dict, device, normalize) -> Choice:
 
 
 def plan(config: dict, data: Dataset, step_ms: float, launched: float) -> None:
-    """Set config["epochs"] from the time budget and the measured step time; say so."""
+    """Set config["epochs"] (and, when not even one epoch fits, config["epoch_images"]) from the
+    time budget and the measured step time; say so."""
     steps = max(1, len(data.train) // config["batch_size"])
     # A forward pass costs about a third of a training step; TTA doubles it.
     eval_images = len(data.valid) * (2 if config["tta"] == "hflip" else 1)
     per_image = step_ms / 1000 / config["batch_size"]
-    epoch_s = steps * step_ms / 1000 + eval_images * per_image / 3 + CHECKPOINT_SECONDS
+    eval_s = eval_images * per_image / 3 + CHECKPOINT_SECONDS
+    epoch_s = steps * step_ms / 1000 + eval_s
     test_images = len(data.test) if data.test else 0
     finish_s = test_images * per_image / 3 * (2 if config["tta"] == "hflip" else 1) + 2.0
     elapsed = time.time() - launched
     config["epochs"] = plan_epochs(config["time_budget"], elapsed, epoch_s, finish_s)
+    # On a slow CPU a whole epoch can take longer than the budget: train one epoch on the steps
+    # that fit (the schedule spans them) rather than overrun the budget.
+    fit = plan_epochs(config["time_budget"], elapsed, step_ms / 1000, finish_s + eval_s)
+    config["epoch_images"] = fit * config["batch_size"] if fit < steps else None
     config["budget_plan"] = {
         "budget_seconds": config["time_budget"],
         "elapsed_at_plan_seconds": round(elapsed, 2),
         "epoch_seconds_estimate": round(epoch_s, 2),
         "finish_seconds_estimate": round(finish_s, 2),
         "epochs": config["epochs"],
+        "epoch_images": config["epoch_images"],
     }
+    partial = ""
+    if config["epoch_images"]:
+        partial = (
+            f" of {config['epoch_images']} images (a whole epoch of {len(data.train)} does not fit)"
+        )
     print(
         f"time budget {config['time_budget']:.0f}s: {elapsed:.1f}s spent, about {epoch_s:.1f}s "
-        f"per epoch and {finish_s:.1f}s to publish -> {config['epochs']} epochs"
+        f"per epoch and {finish_s:.1f}s to publish -> {config['epochs']} epochs{partial}"
     )
 
 
@@ -213,7 +226,11 @@ def choose_and_plan(net, data: Dataset, config: dict, device, normalize, launche
         plan(
             planned, data, choice.timings_ms[f"{choice.precision}/{choice.memory_format}"], launched
         )
-        updates.update(epochs=planned["epochs"], budget_plan=planned["budget_plan"])
+        updates.update(
+            epochs=planned["epochs"],
+            epoch_images=planned["epoch_images"],
+            budget_plan=planned["budget_plan"],
+        )
     return updates
 
 
@@ -221,10 +238,12 @@ def replan_epochs(config: dict, epoch_s: float, launched: float) -> int | None:
     """After epoch 1: the epochs that fit, now that an epoch's real time is known; None when the
     plan stands (or there is no budget)."""
     budget = config.get("budget_plan")
-    if not budget:
+    if not budget or config.get("epoch_images"):  # a partial epoch: the budget holds no more
         return None
     elapsed = time.time() - launched
-    left = plan_epochs(config["time_budget"], elapsed, epoch_s, budget["finish_seconds_estimate"])
+    finish_s = budget["finish_seconds_estimate"]
+    # Epoch 1 is done: when it overran the estimate, no more epochs is a valid answer.
+    left = plan_epochs(config["time_budget"], elapsed, epoch_s, finish_s, at_least=0)
     epochs = 1 + left
     if epochs == config["epochs"]:
         return None

@@ -3,6 +3,7 @@
 import copy
 import json
 import time
+import types
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from trainer.__main__ import parse_args
 from trainer.data import Split
 from trainer.ema import EMA
 from trainer.loop import evaluate, lr_factor, zero_init_residual
-from trainer.recipe import RECIPES, measure_training, plan_epochs
+from trainer.recipe import RECIPES, measure_training, plan, plan_epochs, replan_epochs
 
 CPU = torch.device("cpu")
 
@@ -79,6 +80,22 @@ def test_measured_choice_records_the_timings_and_leaves_the_model_and_rng_alone(
 def test_budget_planning_fits_the_epochs_in_the_time_left():
     assert plan_epochs(100, elapsed=10, epoch_seconds=8, finish_seconds=2, margin=0.1) == 9
     assert plan_epochs(10, elapsed=30, epoch_seconds=8, finish_seconds=2) == 1  # at least one
+    # After epoch 1 (replan_epochs): an epoch that overran leaves no room for another.
+    config = {"time_budget": 10, "epochs": 1, "budget_plan": {"finish_seconds_estimate": 2}}
+    assert replan_epochs(config, epoch_s=12, launched=time.time() - 14) is None
+    assert replan_epochs({**config, "epochs": 3}, epoch_s=12, launched=time.time() - 14) == 1
+
+
+def test_a_budget_shorter_than_one_epoch_trains_on_the_steps_that_fit():
+    """A slow CPU: 100 steps of 1 s per epoch, 60 s budget -> one epoch of the steps that fit."""
+    data = types.SimpleNamespace(train=range(1000), valid=range(100), test=None)
+    config = {"batch_size": 10, "tta": "off", "time_budget": 60.0}
+    plan(config, data, step_ms=1000.0, launched=time.time())
+    # 60 s * 0.9 margin - 2 s publish - (100 valid images at a third of a step's cost + 1 s)
+    assert config["epochs"] == 1 and config["epoch_images"] == 10 * 47
+    roomy = {**config, "time_budget": 600.0}
+    plan(roomy, data, step_ms=1000.0, launched=time.time())
+    assert roomy["epochs"] == 5 and roomy["epoch_images"] is None  # whole epochs fit
 
 
 def test_lr_floor_ends_the_onecycle_at_that_fraction():
