@@ -71,7 +71,9 @@ def run_count(count: int, images, args: argparse.Namespace, work: Path) -> dict:
     cores = usable_cpu_count()
     threads = args.torch_threads or max(1, cores // count)
     env = {"MODEL_POLL_SECONDS": str(args.poll_seconds), "TORCH_THREADS": str(threads)}
-    env |= {"ACCESS_LOG": ""}
+    # One worker per replica: the replicas already split the cores (WORKERS=auto would run
+    # several in each, every one with a model copy and TORCH_THREADS threads).
+    env |= {"ACCESS_LOG": "", "WORKERS": "1"}
     with contextlib.ExitStack() as stack:
         replicas = [
             stack.enter_context(servers.gunicorn(models_dir, work / "logs", env, wait=None))

@@ -2,7 +2,8 @@
 
 One table for the app and for Gunicorn: gunicorn.conf.py reads PORT, WORKERS, THREADS and the
 timeouts through `load_config` too. It does so in the Gunicorn master, so this module imports
-neither torch nor the app (shared.device checks DEVICE names without torch).
+neither torch nor the app (shared.device checks DEVICE names, counts cores and looks for a GPU
+without torch). Master and workers resolve WORKERS=auto alike, from the same machine.
 """
 
 import ipaddress
@@ -12,7 +13,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from shared.device import DEVICE_NAMES, check_device_name
+from shared.device import DEVICE_NAMES, check_device_name, nvidia_gpu_visible, usable_cpu_count
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -48,6 +49,14 @@ def _choice(*allowed: str) -> Callable[[str], str]:
         return text
 
     return parse
+
+
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ValueError("must be auto or a whole number >= 1")
+    return int(text)
 
 
 def _port(text: str) -> int:
@@ -140,7 +149,11 @@ SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         _positive(float),
         "longest time, s, to receive a whole request body (408 beyond)",
     ),
-    "TORCH_THREADS": (0, _non_negative(int), "torch intra-op threads (0: CPU cores / WORKERS)"),
+    "TORCH_THREADS": (
+        0,
+        _non_negative(int),
+        "torch intra-op threads per worker (0: CPU cores / WORKERS)",
+    ),
     "LOG_LEVEL": ("info", _log_level, "debug, info, warning or error"),
     # Read by gunicorn.conf.py, in the master.
     "PORT": (3000, _port, "TCP port the server listens on"),
@@ -149,7 +162,12 @@ SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         _address,
         "address the server listens on: 0.0.0.0 every interface, 127.0.0.1 this machine only",
     ),
-    "WORKERS": (1, _positive(int), "Gunicorn worker processes (also sizes TORCH_THREADS)"),
+    "WORKERS": (
+        "auto",
+        _workers,
+        "Gunicorn worker processes, each with its own model copy; auto: from the device and "
+        "the CPU cores (also sizes TORCH_THREADS)",
+    ),
     "THREADS": (16, _positive(int), "request threads per worker"),
     "TIMEOUT": (60, _positive(int), "seconds without a heartbeat before a worker is restarted"),
     "GRACEFUL_TIMEOUT": (30, _positive(int), "seconds in-flight requests get after SIGTERM"),
@@ -159,13 +177,42 @@ SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
 # Settings whose empty value means something (no access log) rather than "the default".
 EMPTY_ALLOWED = {"ACCESS_LOG"}
 
+# WORKERS=auto. Each worker is a process with its own interpreter, model copy and batcher, so
+# decoding uploads and parsing HTTP stop sharing one GIL with the forward pass. Measured
+# (docs/benchmarks.md, issue 11):
+# - GPU: on an NVIDIA H200 host with 16 cores, 64 clients x 32 images, 4 workers served 5,738.7
+#   img/s against 1,354.7 for 1 (the GPU idled behind one worker's Python). The workers share
+#   the GPU, and each needs a core of its own for that Python: 4, fewer on fewer cores.
+# - CPU: on a 2-core AMD EPYC, 2 workers (1 torch thread each) beat 1 worker (2 threads) by
+#   +13 % to +49 % at 1 image per request with 1, 4 and 16 clients, and by +28 % and +43 % at
+#   4 and 16 clients x 32 images; a single client sending 32 images lost 26 % (its forward pass
+#   ran on one core). So one worker per core, at most 4 on bigger CPUs: not measured above 2
+#   cores, the cap keeps memory at 4 model copies and each forward pass on cores / 4 threads.
+# Both rules give min(cores, 4) today; the device is named in the reason because the figures
+# behind them are different machines', and a re-measurement may part them.
+AUTO_MAX_WORKERS = 4
+
+
+def resolve_workers(workers: int | str, device: str) -> tuple[int, str]:
+    """WORKERS as a count, and why: an integer as set, `auto` by the rule above (no torch)."""
+    if workers != "auto":
+        return int(workers), "set by WORKERS"
+    cores = usable_cpu_count()
+    count = min(cores, AUTO_MAX_WORKERS)
+    if device.startswith("cuda") or (device == "auto" and nvidia_gpu_visible()):
+        where = f"NVIDIA GPU (DEVICE={device}), {cores} cores: workers sharing the GPU"
+    else:
+        where = f"CPU (DEVICE={device}), {cores} cores: one worker per core"
+    return count, f"auto: {where}, at most {AUTO_MAX_WORKERS}"
+
 
 def load_config(
     environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Resolve every setting: default, then `environ` (os.environ by default), then overrides.
 
-    Raises ValueError naming the variable when an environment value does not parse.
+    WORKERS comes back as a count (auto resolved), WORKERS_REASON says why. Raises ValueError
+    naming the variable when an environment value does not parse.
     """
     environ = os.environ if environ is None else environ
     config = {}
@@ -180,6 +227,9 @@ def load_config(
                 reason = "not a number" if "literal" in str(exc) or "convert" in str(exc) else exc
                 raise ValueError(f"{name}={text!r}: {reason} ({meaning})") from None
     config.update(overrides or {})
+    config["WORKERS"], config["WORKERS_REASON"] = resolve_workers(
+        config["WORKERS"], config["DEVICE"]
+    )
     if config["QUEUE_MAX_IMAGES"] < config["MAX_FILES"]:
         raise ValueError("QUEUE_MAX_IMAGES must be at least MAX_FILES (one full request)")
     return config

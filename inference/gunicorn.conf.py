@@ -4,10 +4,10 @@ Run from the repo root inside the project's venv. Read by the Gunicorn master, s
 imports torch or the app: each worker builds the app (`preload_app = False`) and loads the model
 in its own background thread (post_worker_init below).
 
-Workers and threads: one process with threads is the default. Prediction is CPU/GPU bound and
-batched: a single model copy that uses every core (torch threads = cores / WORKERS) and gathers
-all concurrent requests into one batch beats several processes competing for the same cores,
-and on a GPU it means one CUDA context. Threads only decode uploads and wait for the batcher.
+Workers and threads: WORKERS=auto (the default) runs one worker per core, at most 4, on a CPU
+and on a GPU host alike (the measurements behind it: inference/config.py, resolve_workers).
+Each worker has its own model copy, batcher and interpreter, and its torch uses cores / WORKERS
+threads; within a worker, threads decode uploads and wait for the batcher.
 """
 
 import json
@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 import gunicorn.util
+from gunicorn.errors import HaltServer
 
 # Imports neither torch nor the app (the package imports inference/app.py only on first use).
 from inference.config import load_config
@@ -113,8 +114,29 @@ def _close_graceful_in_background(sock, *args, **kwargs) -> None:
     threading.Thread(target=linger, name="linger-close", daemon=True).start()
 
 
+def _stop_past_other_failed_workers(arbiter) -> None:
+    """Let Arbiter.stop finish when several workers failed to load the app.
+
+    The first worker that exits with "App failed to load" (a DEVICE this machine lacks) halts
+    the master; reaping the next one while stopping raised the same HaltServer again, out of
+    halt(): a traceback and exit code 1 instead of one line and 4 (Gunicorn 27, WORKERS > 1).
+    """
+    stop = arbiter.stop
+
+    def stop_all(graceful: bool = True) -> None:
+        while True:  # each HaltServer has reaped one worker: this ends
+            try:
+                return stop(graceful)
+            except HaltServer:
+                continue
+
+    arbiter.stop = stop_all
+
+
 def on_starting(server) -> None:
-    """Master start: JSON error pages, lingering closes off the main loop, stale metrics gone."""
+    """Master start: worker count logged, JSON error pages, calm stops, lingering, fresh metrics."""
+    server.log.info("workers: %d (%s)", WORKERS, SETTINGS["WORKERS_REASON"])
+    _stop_past_other_failed_workers(server)
     gunicorn.util.write_error = _write_json_error
     gunicorn.util.close_graceful = _close_graceful_in_background
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")

@@ -1,6 +1,7 @@
 """HTTP routes: /predict, health, /model, /metrics and the web page."""
 
 import math
+import os
 import time
 import unicodedata
 from typing import Any
@@ -229,12 +230,12 @@ def ready() -> ResponseReturnValue:
     served = predictor().current
     if served is None:
         raise no_model_error()
-    return jsonify({"status": "ready", "version": served.version})
+    return jsonify({"status": "ready", "version": served.version, "worker_pid": os.getpid()})
 
 
 @bp.get("/model")
 def model_info() -> ResponseReturnValue:
-    """The served version, its model.json, when it loaded, and the last reload error."""
+    """This worker's served version, its model.json, the worker count, the last reload error."""
     holder = predictor().holder
     served = holder.current
     return jsonify(
@@ -247,6 +248,10 @@ def model_info() -> ResponseReturnValue:
             "precision_reason": served.choice.reason if served else None,
             "tta": served.tta if served else None,
             "cuda_graphs": served.graphs_note if served else None,
+            # Each worker answers for itself: behind one port, the pid says which one this was.
+            "workers": current_app.config["WORKERS"],
+            "workers_reason": current_app.config["WORKERS_REASON"],
+            "worker_pid": os.getpid(),
             "latest": holder.latest,
             "models_dir": holder.models_dir,
             "store_reachable": holder.store_error is None,

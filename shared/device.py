@@ -8,6 +8,8 @@ level: the Gunicorn master checks DEVICE through inference/config.py and must no
 import functools
 import os
 import re
+from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -15,6 +17,10 @@ if TYPE_CHECKING:
 
 DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+# What the NVIDIA driver shows without CUDA: one folder per GPU (also inside containers run with
+# the NVIDIA runtime), and the device files /dev/nvidia0, /dev/nvidia1, ...
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
+DEV = Path("/dev")
 
 
 class DeviceError(ValueError):
@@ -56,3 +62,23 @@ def usable_cpu_count() -> int:
     if hasattr(os, "sched_getaffinity"):  # Linux: a container's or taskset's CPU set
         return len(os.sched_getaffinity(0)) or 1
     return os.cpu_count() or 1  # macOS, Windows
+
+
+def nvidia_gpu_visible(
+    environ: Mapping[str, str] | None = None, gpus: Path = NVIDIA_GPUS, dev: Path = DEV
+) -> bool:
+    """Whether this process sees an NVIDIA GPU, found without torch (no CUDA initialised).
+
+    CUDA_VISIBLE_DEVICES="" or "-1" hides every GPU, as CUDA reads it. A GPU found here may
+    still be unusable (a CPU-only torch build): the worker's DEVICE=auto then picks the CPU.
+    """
+    environ = os.environ if environ is None else environ
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and (not visible.strip() or visible.strip().startswith("-")):
+        return False
+    try:
+        if gpus.is_dir() and any(gpus.iterdir()):
+            return True
+        return any(re.fullmatch(r"nvidia[0-9]+", entry.name) for entry in dev.iterdir())
+    except OSError:  # no /dev (Windows), or a folder this user may not list
+        return False

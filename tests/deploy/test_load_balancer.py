@@ -81,8 +81,10 @@ def cluster(tmp_path_factory):
     v1 = publish_model(shared, seed=0)
     copy_version(shared, own, v1)
     set_latest(own, v1)
-    # One torch thread each: replicas sharing a host split its cores (docs/scaling.md).
+    # One worker of one torch thread each: replicas sharing a host split its cores
+    # (docs/scaling.md).
     env = {"MODEL_POLL_SECONDS": str(POLL_SECONDS), "TORCH_THREADS": "1", "THREADS": "8"}
+    env |= {"WORKERS": "1"}
     env |= {"GRACEFUL_TIMEOUT": "15", "ACCESS_LOG": ""}
     with ExitStack() as stack:
         # Started side by side: each one's torch import overlaps the others'.

@@ -13,6 +13,10 @@ from tests.inference.serving import image_bytes, publish_model, run_server, wait
 
 FILES = [("file", ("a.png", image_bytes())), ("file", ("b.jpg", image_bytes(fmt="JPEG")))]
 SWAP_DEADLINE_S = 3.0  # the promise: a new version answers within 3 s of LATEST changing
+# One worker where a test reads the server's state (GET /model, readiness, the log) and expects
+# the next request to find the same: several workers each load on their own poll, a moment
+# apart. Every worker's readiness and reload: tests/inference/test_workers.py.
+ONE_WORKER = {"WORKERS": "1"}
 
 
 class Payload:
@@ -28,7 +32,7 @@ class Payload:
 @pytest.mark.slow
 def test_starts_without_a_model_then_becomes_ready_when_one_is_published(tmp_path):
     models_dir = tmp_path / "models"  # does not even exist yet
-    with run_server(models_dir, tmp_path) as server:
+    with run_server(models_dir, tmp_path, **ONE_WORKER) as server:
         ready = server.get("/health/ready")
         assert ready.status_code == 503
         assert ready.json()["error"]["code"] == "no_model"
@@ -56,7 +60,7 @@ def test_hot_reload_under_concurrent_requests_fails_no_request(tmp_path):
     results: list[tuple[float, float, int, str | None]] = []  # start, end, status, version
     stop = threading.Event()
 
-    with run_server(models_dir, tmp_path) as server:  # default MODEL_POLL_SECONDS=2
+    with run_server(models_dir, tmp_path, **ONE_WORKER) as server:  # MODEL_POLL_SECONDS=2
         wait_ready(server)
 
         def client() -> None:
@@ -145,7 +149,7 @@ def outside_path(models_dir, tmp_path) -> str:
 def test_refused_versions_never_serve_and_the_current_model_keeps_serving(tmp_path):
     models_dir = tmp_path / "models"
     good = publish_model(models_dir, seed=1)
-    with run_server(models_dir, tmp_path, MODEL_POLL_SECONDS="0.5") as server:
+    with run_server(models_dir, tmp_path, MODEL_POLL_SECONDS="0.5", **ONE_WORKER) as server:
         wait_ready(server)
         for make_bad in (
             corrupt_sha,
@@ -183,7 +187,7 @@ def test_failed_version_is_not_retried_until_latest_changes(tmp_path):
     good = publish_model(models_dir, seed=1)
     bad = corrupt_sha(models_dir, tmp_path)
     write_latest(models_dir, bad)
-    with run_server(models_dir, tmp_path, MODEL_POLL_SECONDS="0.2") as server:
+    with run_server(models_dir, tmp_path, MODEL_POLL_SECONDS="0.2", **ONE_WORKER) as server:
         # No version loads: the only candidate is refused, once.
         server.wait_for(lambda: server.get("/model").json()["last_error"], 20, "the refusal")
         time.sleep(1.5)  # ~7 more polls
@@ -198,7 +202,7 @@ def test_rollback_is_picked_up(tmp_path):
     models_dir = tmp_path / "models"
     first = publish_model(models_dir, seed=1)
     second = publish_model(models_dir, seed=2)
-    with run_server(models_dir, tmp_path) as server:
+    with run_server(models_dir, tmp_path, **ONE_WORKER) as server:
         wait_ready(server)
         assert server.model_version() == second
         assert store.rollback(models_dir) == first

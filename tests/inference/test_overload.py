@@ -25,6 +25,7 @@ def test_full_queue_answers_503_overloaded_with_retry_after(tmp_path):
         "THREADS": str(CLIENTS),
         "TORCH_THREADS": "1",
         "PREDICT_TIMEOUT_SECONDS": "120",  # no 503 from waiting: only from the full queue
+        "WORKERS": "1",  # one queue: what fits above is one worker's
     }
     files = [("file", (f"{i}.png", image_bytes(color=(i * 15, 80, 160)))) for i in range(FILES)]
     with run_server(models_dir, tmp_path, **env) as server:

@@ -54,7 +54,9 @@ def test_20_publish_rollback_cycles_under_load_fail_no_request_and_free_old_mode
     models_dir = tmp_path / "models"
     published = {publish_model(models_dir, seed=0)}
     rss: list[int] = []
-    with run_server(models_dir, tmp_path, MODEL_POLL_SECONDS="0.2") as server:
+    # One worker: the log counts one load per swap, and the rollback follows the swap that
+    # GET /model showed (every worker's reload: tests/inference/test_workers.py).
+    with run_server(models_dir, tmp_path, MODEL_POLL_SECONDS="0.2", WORKERS="1") as server:
         wait_ready(server)
         load = Load(server.url, KINDS, concurrency=6).start()
         try:

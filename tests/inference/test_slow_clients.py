@@ -10,6 +10,9 @@ from tests.inference.serving import image_bytes, publish_model, run_server, wait
 
 THREADS = 4
 CLIENT_TIMEOUT_S = 5
+# One worker where a test blocks threads or a main loop and times the others: a second worker
+# would answer them and hide a block (THREADS and the main loop are per worker).
+ONE_WORKER = {"WORKERS": "1"}
 STALLED_HEAD = (
     b"POST /predict HTTP/1.1\r\nHost: test\r\n"
     b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
@@ -47,7 +50,7 @@ def test_stalled_uploads_time_out_with_408_and_hold_a_thread_at_most_the_client_
     models_dir = tmp_path / "models"
     publish_model(models_dir)
     env = {"CLIENT_TIMEOUT_SECONDS": str(CLIENT_TIMEOUT_S), "THREADS": str(THREADS)}
-    with run_server(models_dir, tmp_path, **env) as server:
+    with run_server(models_dir, tmp_path, **env, **ONE_WORKER) as server:
         wait_ready(server)
         # Fewer stalled uploads than threads: a free thread answers at once (~0.3 s measured;
         # waiting for a stalled one to time out would take CLIENT_TIMEOUT_S).
@@ -65,7 +68,7 @@ def test_client_that_keeps_its_socket_open_after_connection_close_blocks_no_one(
     # the gthread worker's main loop that froze every other client for those 2 s.
     models_dir = tmp_path / "models"
     publish_model(models_dir)
-    with run_server(models_dir, tmp_path) as server:
+    with run_server(models_dir, tmp_path, **ONE_WORKER) as server:
         wait_ready(server)
         lingering = []
         waited = 0.0

@@ -12,6 +12,10 @@ from tests.s3.seaweed import SeaweedS3
 
 POLL = "0.5"
 RELOAD_TIMEOUT_S = 30  # poll interval + download + load + warm-up on a busy 2-core machine
+# One worker: each test waits for GET /model to show a state, then expects the next request to
+# find it; several workers each poll the store on their own, a moment apart
+# (tests/inference/test_workers.py covers every worker's reload on a folder store).
+ONE_WORKER = {"WORKERS": "1"}
 
 
 def predict(server) -> dict:
@@ -32,7 +36,11 @@ def test_s3_server_hot_reloads_rolls_back_and_refuses_bad_versions(
 ):
     first = publish_model(s3_url, seed=0)
     with run_server(
-        s3_url, tmp_path, MODEL_POLL_SECONDS=POLL, MODEL_CACHE_DIR=str(tmp_path / "cache")
+        s3_url,
+        tmp_path,
+        MODEL_POLL_SECONDS=POLL,
+        MODEL_CACHE_DIR=str(tmp_path / "cache"),
+        **ONE_WORKER,
     ) as server:
         wait_ready(server)
         assert served(server) == first and predict(server)["model_version"] == first
@@ -90,7 +98,11 @@ def test_s3_server_keeps_serving_while_the_store_is_unreachable(tmp_path, monkey
         url = "s3://models/store"
         first = publish_model(url, seed=0)
         with run_server(
-            url, tmp_path, MODEL_POLL_SECONDS=POLL, MODEL_CACHE_DIR=str(tmp_path / "cache")
+            url,
+            tmp_path,
+            MODEL_POLL_SECONDS=POLL,
+            MODEL_CACHE_DIR=str(tmp_path / "cache"),
+            **ONE_WORKER,
         ) as server:
             wait_ready(server)
             seaweed.stop()
