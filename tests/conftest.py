@@ -43,6 +43,19 @@ def make_image_folders(
     return root
 
 
+def make_slow_folders(root: Path, per_class: int) -> Path:
+    """root/train/<class>/*.png: 1024x1024 noise, one file per class hard-linked `per_class`
+    times, so decoding takes seconds on any core (for signals sent while decoding)."""
+    for label in range(10):
+        folder = root / "train" / f"class{label}"
+        folder.mkdir(parents=True)
+        noise = Image.frombytes("RGB", (1024, 1024), os.urandom(1024 * 1024 * 3))
+        noise.save(folder / "0000.png", compress_level=1)
+        for n in range(1, per_class):
+            os.link(folder / "0000.png", folder / f"{n:04d}.png")
+    return root
+
+
 @pytest.fixture
 def image_folders(tmp_path: Path) -> Path:
     """A train-only dataset of 10 classes x 8 images."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import make_image_folders, run_trainer
+from tests.conftest import make_image_folders, make_slow_folders, run_trainer
 from tests.trainer.test_resume import FAST, dirs, start, wait_for_line
 from trainer import TrainerError
 from trainer.data import load_folders
@@ -81,14 +81,7 @@ def processes_with(marker: str) -> list[int]:
 
 @pytest.mark.slow
 def test_ctrl_c_while_workers_decode_exits_130_in_one_line_and_stops_them(tmp_path):
-    # 400 images of 1024x1024 noise (hard links of 10 files): seconds of decoding on any core.
-    for label in range(10):
-        folder = tmp_path / "data" / "train" / f"class{label}"
-        folder.mkdir(parents=True)
-        noise = Image.frombytes("RGB", (1024, 1024), os.urandom(1024 * 1024 * 3))
-        noise.save(folder / "0000.png", compress_level=1)
-        for n in range(1, 40):
-            os.link(folder / "0000.png", folder / f"{n:04d}.png")
+    make_slow_folders(tmp_path / "data", per_class=40)  # seconds of decoding
     marker = f"DECODE_TEST={uuid.uuid4().hex}"
     env = {marker.split("=")[0]: marker.split("=")[1], "DECODE_WORKERS": "2"}
     env["CACHE_DIR"] = str(tmp_path / "cache")  # workers write its temporary file

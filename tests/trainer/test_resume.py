@@ -9,10 +9,9 @@ import sys
 import time
 
 import pytest
-from PIL import Image
 
 from shared import store
-from tests.conftest import REPO, make_image_folders, run_trainer
+from tests.conftest import REPO, make_image_folders, make_slow_folders, run_trainer
 
 FAST = ["--weights", "none", "--batch-size", "16", "--lr", "0.05", "--device", "cpu"]
 pytestmark = pytest.mark.slow
@@ -62,14 +61,7 @@ def metrics(run):
 
 
 def test_ctrl_c_while_decoding_exits_130_with_one_line_and_writes_nothing(tmp_path):
-    # 200 images of 1024x1024 noise (10 files, hard-linked): seconds of decoding.
-    for label in range(10):
-        folder = tmp_path / "data" / "train" / f"class{label}"
-        folder.mkdir(parents=True)
-        noise = Image.frombytes("RGB", (1024, 1024), os.urandom(1024 * 1024 * 3))
-        noise.save(folder / "0000.png", compress_level=1)
-        for n in range(1, 20):
-            os.link(folder / "0000.png", folder / f"{n:04d}.png")
+    make_slow_folders(tmp_path / "data", per_class=20)  # seconds of decoding
     proc = start("--data-dir", str(tmp_path / "data"), *FAST, *dirs(tmp_path))
     wait_for_line(proc, "loading data")
     proc.send_signal(signal.SIGINT)
