@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from shared.device import usable_cpu_count
 from shared.preprocess import ImageError, load_rgb, resize_crop
 from trainer import TrainerError
 
@@ -107,8 +108,7 @@ def pool_size(count: int, workers: int) -> int:
     """Worker processes for `count` images: `workers`, or one per usable core when 0 (none
     for small sets); 1 means decoding in this process."""
     if workers == 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        workers = (cores or os.cpu_count() or 1) if count >= POOL_MIN_IMAGES else 1
+        workers = usable_cpu_count() if count >= POOL_MIN_IMAGES else 1
     return max(1, min(workers, count))
 
 
