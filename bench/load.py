@@ -18,7 +18,9 @@ that figure may measure the generator, not the server.
 With --models-dir (the store the server under test serves), the same run also measures:
   --inprocess  (d) the in-process limit: decode + preprocess + one batched forward per
                images-per-request through the service's own ServedModel, no HTTP, one thread,
-               at the precision the server picks (AMP from --server-env, else auto);
+               at the layout and precision measured fastest the server's way, compiled
+               as the server compiles (AMP, CHANNELS_LAST, COMPILE from --server-env,
+               else auto);
   --baseline   (e) bench/original_server.py (Flask's development server, one forward per
                file) on a free port, started and stopped here, under the same grid.
 --start-server serves --models-dir with this checkout's Gunicorn instead of --url.
@@ -61,8 +63,7 @@ from bench.generator import (  # noqa: E402
 )
 from bench.tools import find_tool  # noqa: E402
 from inference.predictor import ServedModel  # noqa: E402
-from shared.model import use_bf16  # noqa: E402
-from shared.precision import Choice  # noqa: E402
+from shared.precision import measure_serving  # noqa: E402
 from shared.store import load_version, read_latest  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -160,10 +161,18 @@ def load_images(folder: Path, limit: int) -> list[tuple[str, bytes]]:
     return [(p.name, p.read_bytes()) for p in image_paths(folder, limit)]
 
 
-def run_inprocess(models_dir, images, per_request, duration, warmup, amp) -> dict:
-    """(d): the service's own ServedModel (decode, resize, normalize, forward) without HTTP."""
+def run_inprocess(
+    models_dir, images, per_request, duration, warmup, amp, channels_last, compile
+) -> dict:
+    """(d): the service's own ServedModel (decode, resize, normalize, forward) without HTTP, at
+    its own best layout and precision (timed by the server's `measure_serving`, at the batch
+    size measured here), compiled as the server compiles (COMPILE)."""
     loaded = load_version(models_dir, read_latest(models_dir))
-    served = ServedModel(loaded, Choice(use_bf16(amp, loaded.device), True, "as set by AMP"))
+    choice = measure_serving(
+        loaded.model, loaded.meta["image_size"], loaded.device, amp, channels_last, per_request
+    )
+    served = ServedModel(loaded, choice, compile=compile)
+    served.compile_now()  # as the server does in the background (COMPILE=auto), before timing
     gauge = OtherLoad().start()
     t0 = time.monotonic()
     window = (t0 + warmup, t0 + warmup + duration)
@@ -178,6 +187,7 @@ def run_inprocess(models_dir, images, per_request, duration, warmup, amp) -> dic
         done.append((sent, time.monotonic(), ok, "wrong shape", loaded.version))
     result = summarize(done, per_request, window)
     result["others_cores"] = gauge.stop()
+    result.update(choice.as_dict())
     return result
 
 
@@ -195,6 +205,8 @@ def measure(targets: dict[str, str], images, image_list, ceiling_url, models_dir
     single comparison."""
     rows = []
     amp = args.server_env.get("AMP") or os.environ.get("AMP") or "auto"
+    layout = args.server_env.get("CHANNELS_LAST") or os.environ.get("CHANNELS_LAST") or "auto"
+    compile = args.server_env.get("COMPILE") or os.environ.get("COMPILE") or "auto"
 
     def generate(url: str, c: int, n: int, warmup: float, check: bool = True) -> dict:
         if args.generator == "wrk":
@@ -235,7 +247,9 @@ def measure(targets: dict[str, str], images, image_list, ceiling_url, models_dir
                 "inprocess",
                 1,
                 n,
-                lambda n=n: run_inprocess(models_dir, images, n, args.duration, args.warmup, amp),
+                lambda n=n: run_inprocess(
+                    models_dir, images, n, args.duration, args.warmup, amp, layout, compile
+                ),
             )
         for c in args.concurrency:
             for name, url in targets.items():
@@ -302,7 +316,10 @@ def main(args: argparse.Namespace) -> int:
         image_list.write_text("".join(f"{p.resolve()}\n" for p in paths))
         # Both servers are up for the whole run; the one not being measured sits idle.
         if args.start_server:
-            url = stack.enter_context(servers.gunicorn(models_dir, logs, args.server_env)).url
+            server = stack.enter_context(servers.gunicorn(models_dir, logs, args.server_env))
+            seconds = server.wait_compiled()
+            print(f"service settled (compiled or eager) {seconds:.1f} s after ready")
+            url = server.url
         else:
             url = args.url.rstrip("/")
         targets = {"service": url}

@@ -124,6 +124,19 @@ class Server:
             time.sleep(0.1)
         raise RuntimeError(f"{self.url}{path} not 200 after {timeout} s\n{self.log()[-3000:]}")
 
+    def wait_compiled(self, timeout: float = 900) -> float:
+        """Wait until every worker's served version is past its background compile (COMPILE,
+        GET /model "compiled"), so that a measurement times what the service settles at."""
+        states: dict[int, bool] = {}
+
+        def settled() -> bool:
+            info = self.get("/model").json()
+            note = info.get("compiled") or ""
+            states[info["worker_pid"]] = not note.startswith(("pending", "compiling"))
+            return len(states) >= info["workers"] and all(states.values())
+
+        return self.wait_for(settled, timeout, "every worker's compile (GET /model)")
+
     def stop(self) -> int:
         """SIGTERM, then wait for a graceful exit (SIGKILL to the group after that)."""
         if self.proc.poll() is None:

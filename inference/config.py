@@ -109,6 +109,13 @@ SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "test-time augmentation: auto applies what model.json names (hflip: mean of the image "
         "and its mirror, as the published accuracy), off never",
     ),
+    "COMPILE": (
+        "auto",
+        _choice("auto", "on", "off"),
+        "auto: on a CPU, compile each model version with AOTInductor in a background process "
+        "once it serves (eager until then; needs a C++ compiler, else eager) and use it where "
+        "it times faster; on: use it wherever it builds; off: always eager. Unused on a GPU",
+    ),
     "CUDA_GRAPHS": (
         "auto",
         _choice("auto", "off"),

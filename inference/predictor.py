@@ -21,6 +21,7 @@ import torch
 
 from inference import metrics
 from inference.batcher import MicroBatcher
+from inference.compiled import Compilation
 from inference.graphs import GraphedForward, capture
 from shared.device import resolve_device, usable_cpu_count
 from shared.model import for_inference
@@ -50,6 +51,9 @@ class ServedModel:
     # CUDA_GRAPHS ("auto": capture on a GPU, "off": never) and the largest batch to capture.
     cuda_graphs: str = "auto"
     max_batch: int = 64
+    # COMPILE: on a CPU, AOTInductor packages built in the background and used where they time
+    # faster ("auto") or always ("on"); "off": eager (inference/compiled.py).
+    compile: str = "off"
     loaded_at: str = field(default_factory=now_iso)
 
     def __post_init__(self) -> None:
@@ -66,6 +70,16 @@ class ServedModel:
         self.loaded.model = for_inference(self.loaded.model, bf16, channels_last)
         self._dtype = torch.bfloat16 if bf16 else torch.float32
         self._format = memory_format(channels_last)
+        # What computes the network: the eager copy, replaced by the compiled packages once
+        # they are built and checked (start_compile); one assignment, so no lock.
+        self.net = self.loaded.model
+        self._compilation: Compilation | None = None
+        if self.compile == "off":
+            self.compiled_note = "off (COMPILE=off)"
+        elif self.loaded.device.type != "cpu":
+            self.compiled_note = "off (not a CPU: CUDA_GRAPHS instead)"
+        else:
+            self.compiled_note = "pending"
         # On a GPU, graphs of the whole pass are captured here, before the version serves.
         # CPU: eager, as before (see inference/graphs.py).
         self.graphs: GraphedForward | None = None
@@ -92,9 +106,11 @@ class ServedModel:
         """Probabilities, float32 (n, classes), for uint8 images (n, 3, S, S) on the device;
         the whole pass a graph captures (no host copy, no sync in it)."""
         x = self._normalize(images).to(self._dtype).contiguous(memory_format=self._format)
-        probs = self.loaded.model(x).float().softmax(dim=1)
+        probs = self.net(x).float().softmax(dim=1)
         if self.tta == "hflip":
-            probs = (probs + self.loaded.model(x.flip(3)).float().softmax(dim=1)) / 2
+            # Made contiguous in the served layout again: compiled packages assume its strides.
+            mirror = x.flip(3).contiguous(memory_format=self._format)
+            probs = (probs + self.net(mirror).float().softmax(dim=1)) / 2
         return probs
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -106,6 +122,41 @@ class ServedModel:
         with torch.inference_mode():
             # Move uint8 (4x smaller than float) to the device, normalize there; one copy back.
             return self._forward(images.to(self.loaded.device, non_blocking=True)).cpu()
+
+    def compile_now(self) -> None:
+        """Build, check and time the compiled packages (minutes at most), then use them where
+        they are faster; on any failure stay eager. No-op unless compiled_note is "pending"."""
+        if self.compiled_note != "pending":
+            return
+        meta = self.loaded.meta
+        self._compilation = Compilation(
+            self.loaded.model,
+            meta["arch"],
+            len(self.class_names),
+            self.image_size,
+            self.choice.bf16,
+            self.choice.channels_last,
+            self.max_batch,
+            only_if_faster=self.compile == "auto",
+        )
+        self.compiled_note = "compiling (serving eagerly meanwhile)"
+        net, note = self._compilation.run()
+        self.compiled_note = note
+        if net is not None:
+            self.net = net
+            log.info("version %s: compiled: %s", self.version, note)
+        else:
+            log.warning("version %s: not compiled, serving eagerly: %s", self.version, note)
+
+    def start_compile(self) -> None:
+        """compile_now in a background thread (the version serves eagerly until it is done)."""
+        if self.compiled_note == "pending":
+            threading.Thread(target=self.compile_now, name="compile", daemon=True).start()
+
+    def retire(self) -> None:
+        """No longer served: stop compiling it."""
+        if self._compilation is not None:
+            self._compilation.cancel()
 
     def warm_up(self) -> None:
         """Run one forward pass; raise StoreError if the output is not what the meta promises."""
@@ -128,6 +179,7 @@ class ModelHolder:
         tta: str = "auto",
         cuda_graphs: str = "auto",
         max_batch: int = 64,
+        compile: str = "off",
     ) -> None:
         self.store = open_store(models_dir, cache_dir=cache_dir)
         self.models_dir = self.store.location
@@ -137,6 +189,7 @@ class ModelHolder:
         self.tta = tta
         self.cuda_graphs = cuda_graphs
         self.max_batch = max_batch
+        self.compile = compile
         self.poll_seconds = poll_seconds
         self.current: ServedModel | None = None  # replaced, never mutated: reads need no lock
         self.latest: str | None = None  # what LATEST said at the last poll
@@ -196,7 +249,9 @@ class ModelHolder:
             )
             self._choices[key] = choice
         tta = loaded.meta.get("tta", "off") if self.tta == "auto" else "off"
-        served = ServedModel(loaded, choice, tta, self.cuda_graphs, self.max_batch)
+        served = ServedModel(
+            loaded, choice, tta, self.cuda_graphs, self.max_batch, compile=self.compile
+        )
         log.info(
             "version %s: %s %s, tta %s: %s; CUDA graphs %s",
             loaded.version,
@@ -252,6 +307,9 @@ class ModelHolder:
                 self._refuse(latest, f"{latest}: {type(exc).__name__}: {exc}"[:300])
                 return False
             self.current = served
+            served.start_compile()
+            if previous is not None:
+                previous.retire()
             self.last_error = None
             metrics.MODEL_RELOADS.labels("loaded").inc()
             metrics.set_served_version(latest, previous.version if previous else None)
@@ -283,6 +341,7 @@ class Predictor:
             config["TTA"],
             config["CUDA_GRAPHS"],
             config["BATCH_MAX_IMAGES"],
+            config["COMPILE"],
         )
         self.batcher = MicroBatcher(
             run_batch=lambda served, images: served.probabilities(images),

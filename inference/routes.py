@@ -248,6 +248,7 @@ def model_info() -> ResponseReturnValue:
             "precision_reason": served.choice.reason if served else None,
             "tta": served.tta if served else None,
             "cuda_graphs": served.graphs_note if served else None,
+            "compiled": served.compiled_note if served else None,
             # Each worker answers for itself: behind one port, the pid says which one this was.
             "workers": current_app.config["WORKERS"],
             "workers_reason": current_app.config["WORKERS_REASON"],
