@@ -109,8 +109,11 @@ SETTINGS: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "test-time augmentation: auto applies what model.json names (hflip: mean of the image "
         "and its mirror, as the published accuracy), off never",
     ),
-    "COMPILE": (
-        "auto",
+    # Off by default: the compiled pass is faster (1.03-1.36x on one core), but the service as
+    # a whole was not measurably faster (16 clients x 1 image: 154.2 vs 150.2 img/s on a 2-core
+    # EPYC), and its runner holds the GIL for the whole pass (docs/benchmarks.md).
+    "CPU_COMPILE": (
+        "off",
         _choice("auto", "on", "off"),
         "auto: on a CPU, compile each model version with AOTInductor in a background process "
         "once it serves (eager until then; needs a C++ compiler, else eager) and use it where "

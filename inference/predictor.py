@@ -51,7 +51,7 @@ class ServedModel:
     # CUDA_GRAPHS ("auto": capture on a GPU, "off": never) and the largest batch to capture.
     cuda_graphs: str = "auto"
     max_batch: int = 64
-    # COMPILE: on a CPU, AOTInductor packages built in the background and used where they time
+    # CPU_COMPILE: on a CPU, AOTInductor packages built in the background and used where they time
     # faster ("auto") or always ("on"); "off": eager (inference/compiled.py).
     compile: str = "off"
     loaded_at: str = field(default_factory=now_iso)
@@ -75,7 +75,7 @@ class ServedModel:
         self.net = self.loaded.model
         self._compilation: Compilation | None = None
         if self.compile == "off":
-            self.compiled_note = "off (COMPILE=off)"
+            self.compiled_note = "off (CPU_COMPILE=off)"
         elif self.loaded.device.type != "cpu":
             self.compiled_note = "off (not a CPU: CUDA_GRAPHS instead)"
         else:
@@ -341,7 +341,7 @@ class Predictor:
             config["TTA"],
             config["CUDA_GRAPHS"],
             config["BATCH_MAX_IMAGES"],
-            config["COMPILE"],
+            config["CPU_COMPILE"],
         )
         self.batcher = MicroBatcher(
             run_batch=lambda served, images: served.probabilities(images),

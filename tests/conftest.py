@@ -14,11 +14,6 @@ from shared.classes import CIFAR10_CLASSES
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Servers started by the tests (and the benchmarks they run) serve eagerly unless a test asks
-# for COMPILE: a compile takes tens of seconds of CPU per model version and worker, which the
-# suite's hundreds of servers cannot afford. tests/inference/test_compiled.py covers it.
-os.environ.setdefault("COMPILE", "off")
-
 
 def class_image(label: int, rng: random.Random, size: int = 32) -> Image.Image:
     """A learnable image: a class-specific colour with a bright square and pixel noise."""

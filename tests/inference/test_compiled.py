@@ -1,14 +1,12 @@
-"""COMPILE: AOTInductor packages built beside a real Gunicorn, checked, then swapped in.
-
-The rest of the suite serves eagerly (tests/conftest.py sets COMPILE=off): a compile costs
-tens of seconds of CPU per version and worker.
-"""
+"""CPU_COMPILE: AOTInductor packages built beside a real Gunicorn, checked, then swapped in."""
 
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from inference.compiled import CompiledNet
 from tests.inference.serving import image_bytes, publish_model, run_server, wait_ready
 
 COLORS = [(200, 30, 60), (20, 180, 90), (40, 60, 220), (250, 250, 20), (90, 90, 90), (0, 0, 0)]
@@ -49,11 +47,11 @@ def compile_children(worker_pid: int) -> list[int]:
 def test_compiled_packages_answer_as_eager_and_a_new_version_is_not_held_back(tmp_path):
     models = tmp_path / "models"
     publish_model(models, seed=0)
-    with run_server(models, tmp_path / "eager", COMPILE="off", WORKERS="1") as eager:
+    with run_server(models, tmp_path / "eager", CPU_COMPILE="off", WORKERS="1") as eager:
         wait_ready(eager)
-        assert eager.get("/model").json()["compiled"] == "off (COMPILE=off)"
+        assert eager.get("/model").json()["compiled"] == "off (CPU_COMPILE=off)"
         want = {n: probabilities(eager, n) for n in (1, 3, 6)}
-    settings = {"COMPILE": "on", "WORKERS": "1", "BATCH_MAX_IMAGES": "4"}
+    settings = {"CPU_COMPILE": "on", "WORKERS": "1", "BATCH_MAX_IMAGES": "4"}
     with run_server(models, tmp_path / "compiled", MODEL_POLL_SECONDS="0.2", **settings) as server:
         wait_ready(server)
         # Served at once, eagerly, while the packages are built.
@@ -61,7 +59,7 @@ def test_compiled_packages_answer_as_eager_and_a_new_version_is_not_held_back(tm
         assert_close(probabilities(server, 1), want[1])
         server.wait_compiled(timeout=600)
         note = server.get("/model").json()["compiled"]
-        # Both packages in use (COMPILE=on keeps them whatever the timing says).
+        # Both packages in use (CPU_COMPILE=on keeps them whatever the timing says).
         assert note.startswith("batch sizes 1-4, built in"), note
         assert note.count("(compiled)") == 2, note
         # 1 image: the batch-1 package; 3: the batched one; 6 > BATCH_MAX_IMAGES: eager.
@@ -88,7 +86,7 @@ def test_without_a_cxx_compiler_the_version_serves_eagerly(tmp_path):
     models = tmp_path / "models"
     publish_model(models, seed=0)
     missing = str(tmp_path / "no-such-g++")
-    with run_server(models, tmp_path, COMPILE="auto", WORKERS="1", CXX=missing) as server:
+    with run_server(models, tmp_path, CPU_COMPILE="auto", WORKERS="1", CXX=missing) as server:
         wait_ready(server)
         server.wait_compiled(timeout=60)
         note = server.get("/model").json()["compiled"]
@@ -105,7 +103,7 @@ def test_a_failing_compile_leaves_the_version_serving_eagerly(tmp_path):
     failing = tmp_path / "failing-cxx"
     failing.write_text("#!/bin/sh\necho 'cc1plus: fatal error: out of memory' >&2\nexit 1\n")
     failing.chmod(0o755)
-    env = {"COMPILE": "on", "WORKERS": "1", "CXX": str(failing)}
+    env = {"CPU_COMPILE": "on", "WORKERS": "1", "CXX": str(failing)}
     with run_server(models, tmp_path, **env) as server:
         wait_ready(server)
         server.wait_compiled(timeout=300)
@@ -113,3 +111,19 @@ def test_a_failing_compile_leaves_the_version_serving_eagerly(tmp_path):
         assert note.startswith("off (compile failed: exit "), note
         assert server.post("/predict", files={"file": image_bytes()}).status_code == 200
     assert "Traceback" not in server.log()
+
+
+def test_a_package_that_fails_or_answers_the_wrong_rows_is_dropped_for_the_eager_pass():
+    eager = torch.nn.Flatten()
+
+    def failing(x):
+        raise RuntimeError("package failed")
+
+    def wrong_rows(x):
+        return torch.zeros(1, 12)
+
+    net = CompiledNet(eager, failing, wrong_rows, max_batch=4)
+    for n, dropped in ((1, "single"), (3, "batched")):
+        x = torch.rand(n, 3, 2, 2)
+        assert torch.equal(net(x), eager(x))
+        assert getattr(net, dropped) is None
