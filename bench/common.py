@@ -16,15 +16,34 @@ WORK_DIR = Path("volumes/bench")
 DEFAULT_DATA_DIR = Path(os.environ.get("DATA_DIR") or "volumes/data/cifar10")
 
 
-def cpu_model() -> str:
-    """The CPU model name as lscpu shows it (from /proc/cpuinfo)."""
+# CPU features that decide this network's speed (fp32 vector width, bf16 and int8 units).
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_fields() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return {}
+    pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def cpu_model() -> str:
+    """The CPU model name as lscpu shows it, with family/model where a VM shows only a brand
+    ("AMD EPYC family 25 model 1"): the same name covered CPUs 8 x apart in speed."""
+    fields = cpu_fields()
+    name = fields.get("model name") or platform.processor() or "unknown"
+    if "cpu family" in fields:
+        name += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
+    return name
+
+
+def cpu_flags() -> list[str]:
+    """Which of SPEED_FLAGS this CPU has."""
+    flags = set(cpu_fields().get("flags", "").split())
+    return [flag for flag in SPEED_FLAGS if flag in flags]
 
 
 def ram_gib() -> float | None:
@@ -49,8 +68,9 @@ def _busy_ticks() -> int:
     return sum(fields) - fields[3] - fields[4]
 
 
-def _tree_ticks() -> int:
-    """CPU ticks used by this process, its reaped children and its live descendants."""
+def _tree_ticks(root: int | None = None) -> int:
+    """CPU ticks used by process `root` (default: this one), its reaped children and its live
+    descendants."""
     stats = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -60,15 +80,20 @@ def _tree_ticks() -> int:
             except (OSError, IndexError):
                 continue
             stats[int(entry.name)] = (int(rest[1]), int(rest[11]) + int(rest[12]))
-    me = os.getpid()
+    me = os.getpid() if root is None else root
     total = sum(
-        int(x) for x in Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[11:15]
+        int(x) for x in Path(f"/proc/{me}/stat").read_text().rsplit(")", 1)[1].split()[11:15]
     )
     tree, frontier = set(), {me}
     while frontier:
         frontier = {pid for pid, (ppid, _) in stats.items() if ppid in frontier} - tree
         tree |= frontier
     return total + sum(stats[pid][1] for pid in tree)
+
+
+def cpu_seconds(root: int) -> float:
+    """CPU seconds used so far by process `root` and its descendants (reaped or alive)."""
+    return _tree_ticks(root) / OtherLoad.HZ
 
 
 class OtherLoad:
@@ -171,6 +196,7 @@ def machine() -> dict:
 
     info = {
         "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cores": usable_cpu_count(),
         "ram_gib": ram_gib(),
         "python": platform.python_version(),

@@ -3,8 +3,9 @@
     python -m bench.forward [--models-dir volumes/bench/models] [--batch-sizes 1,8,16,32,64]
 
 The service serves shared.model.for_inference: BatchNorm folded into the convs, channels_last,
-and bf16 weights where AMP picks bf16. The other rows show what each step buys: the model as
-loaded, channels_last alone, and bf16 autocast (what the trainer validates with). Variants are
+and bf16 weights where AMP picks bf16, compiled ahead of time on a CPU (CPU_COMPILE). The other
+rows show what each step buys: the model as loaded, channels_last alone, and bf16 autocast
+(what the trainer validates with). Variants are
 timed interleaved, `--rounds` times; the table shows the fastest round.
 """
 
@@ -21,6 +22,7 @@ import torch  # noqa: E402
 
 from bench.common import header, print_table, write_result  # noqa: E402
 from bench.load import int_list  # noqa: E402
+from inference.compiled import Compilation  # noqa: E402
 from shared.model import build_model, for_inference  # noqa: E402
 from shared.store import load_version, read_latest  # noqa: E402
 
@@ -32,15 +34,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=int_list, default=[1, 8, 16, 32, 64])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: cores)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument(
+        "--compile",
+        choices=["auto", "off"],
+        default=os.environ.get("CPU_COMPILE") or "off",
+        help="also time the service's compiled pass (about a minute to build on 2 cores); "
+        "default env CPU_COMPILE, else off",
+    )
     p.add_argument("--out", help="JSON path (default bench/results/forward-cpu.json)")
     return p.parse_args(argv)
 
 
-def variants(model: torch.nn.Module) -> dict:
+def compiled(model: torch.nn.Module, arch: str, size: int, max_batch: int):
+    """The fp32 folded channels_last copy as the service compiles it (CPU_COMPILE), used at every
+    batch size (as CPU_COMPILE=on); None, with the reason printed, where it does not build."""
+    net = for_inference(model)
+    classes = model.fc.out_features
+    compilation = Compilation(
+        net, arch, classes, size, False, True, max_batch, only_if_faster=False
+    )
+    built, note = compilation.run()
+    print(f"compiled: {note}")
+    return built
+
+
+def variants(model: torch.nn.Module, arch: str, size: int, args) -> dict:
     """name -> function(normalized float batch) -> logits."""
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     folded = for_inference(model)
     folded_bf16 = for_inference(model, bf16=True)
+    packages = None
+    if args.compile != "off":
+        packages = compiled(model, arch, size, max(args.batch_sizes))
 
     def channels_last(net, dtype=torch.float32):
         return lambda x: net(x.to(dtype).contiguous(memory_format=torch.channels_last)).float()
@@ -55,7 +80,11 @@ def variants(model: torch.nn.Module) -> dict:
         "fp32 folded, channels_last (AMP=off)": channels_last(folded),
         "bf16 autocast, channels_last": autocast,
         "bf16 weights folded, channels_last (AMP=bf16)": channels_last(folded_bf16, torch.bfloat16),
-    }
+    } | (
+        {"fp32 folded, channels_last, compiled (CPU_COMPILE)": channels_last(packages)}
+        if packages
+        else {}
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -67,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         model, size, arch = build_model("resnet18", 10).eval(), 32, "resnet18"
     result = header("forward")
-    fns = variants(model)
+    fns = variants(model, arch, size, args)
     times: dict[tuple[str, int], list[float]] = {}
     with torch.inference_mode():
         for _ in range(args.rounds):

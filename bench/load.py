@@ -19,8 +19,8 @@ With --models-dir (the store the server under test serves), the same run also me
   --inprocess  (d) the in-process limit: decode + preprocess + one batched forward per
                images-per-request through the service's own ServedModel, no HTTP, one thread,
                at the layout and precision measured fastest the server's way, compiled
-               as the server compiles (AMP, CHANNELS_LAST, COMPILE from --server-env,
-               else auto);
+               as the server compiles (AMP, CHANNELS_LAST, CPU_COMPILE from --server-env,
+               else the server's defaults);
   --baseline   (e) bench/original_server.py (Flask's development server, one forward per
                file) on a free port, started and stopped here, under the same grid.
 --start-server serves --models-dir with this checkout's Gunicorn instead of --url.
@@ -166,13 +166,13 @@ def run_inprocess(
 ) -> dict:
     """(d): the service's own ServedModel (decode, resize, normalize, forward) without HTTP, at
     its own best layout and precision (timed by the server's `measure_serving`, at the batch
-    size measured here), compiled as the server compiles (COMPILE)."""
+    size measured here), compiled as the server compiles (CPU_COMPILE)."""
     loaded = load_version(models_dir, read_latest(models_dir))
     choice = measure_serving(
         loaded.model, loaded.meta["image_size"], loaded.device, amp, channels_last, per_request
     )
     served = ServedModel(loaded, choice, compile=compile)
-    served.compile_now()  # as the server does in the background (COMPILE=auto), before timing
+    served.compile_now()  # as the server does in the background (CPU_COMPILE), before timing
     gauge = OtherLoad().start()
     t0 = time.monotonic()
     window = (t0 + warmup, t0 + warmup + duration)
@@ -199,14 +199,28 @@ def served_version(url: str) -> str | None:
         return None
 
 
-def measure(targets: dict[str, str], images, image_list, ceiling_url, models_dir, args) -> list:
+def where_time_goes(before: dict, after: dict) -> dict:
+    """From two Server.usage() readings: the service's CPU per image, the cores it kept busy,
+    and the mean images per forward pass (warm-up included: the same span for all three)."""
+    images = after["images"] - before["images"]
+    cpu = after["cpu_s"] - before["cpu_s"]
+    return {
+        "server_cpu_ms_per_image": round(cpu / images * 1000, 2) if images else None,
+        "server_cores": round(cpu / max(after["at"] - before["at"], 1e-9), 2),
+        "mean_batch": round(images / (after["batches"] - before["batches"]), 2) if images else None,
+    }
+
+
+def measure(
+    targets: dict[str, str], images, image_list, ceiling_url, models_dir, args, server=None
+) -> list:
     """Every setting, interleaved: per images-per-request n, (d) then each concurrency against
     every target in turn and then the ceiling, so that a burst of load from elsewhere skews no
-    single comparison."""
+    single comparison. `server`: the service when started here, for where its time goes."""
     rows = []
     amp = args.server_env.get("AMP") or os.environ.get("AMP") or "auto"
     layout = args.server_env.get("CHANNELS_LAST") or os.environ.get("CHANNELS_LAST") or "auto"
-    compile = args.server_env.get("COMPILE") or os.environ.get("COMPILE") or "auto"
+    compile = args.server_env.get("CPU_COMPILE") or os.environ.get("CPU_COMPILE") or "off"
 
     def generate(url: str, c: int, n: int, warmup: float, check: bool = True) -> dict:
         if args.generator == "wrk":
@@ -222,7 +236,10 @@ def measure(targets: dict[str, str], images, image_list, ceiling_url, models_dir
         for attempt in range(1 + args.retries):
             if args.quiet_wait:
                 wait_for_quiet(args.max_others, args.quiet_wait)
+            usage = server.usage() if server and name == "service" else None
             row = run()
+            if usage:
+                row.update(where_time_goes(usage, server.usage()))
             row.update(server=name, concurrency=concurrency, images_per_request=per_request)
             row["attempt"] = attempt + 1
             if name != "inprocess":
@@ -275,6 +292,9 @@ COLUMNS = [
     ("errors", "errors"),
     ("headroom", "headroom"),
     ("client_cpu_cores", "client cores"),
+    ("server_cores", "server cores"),
+    ("server_cpu_ms_per_image", "server cpu ms/img"),
+    ("mean_batch", "img/pass"),
     ("others_cores", "others cores"),
 ]
 
@@ -322,6 +342,7 @@ def main(args: argparse.Namespace) -> int:
             url = server.url
         else:
             url = args.url.rstrip("/")
+            server = None
         targets = {"service": url}
         if args.baseline:
             targets["original"] = stack.enter_context(servers.original(models_dir, logs)).url
@@ -333,7 +354,7 @@ def main(args: argparse.Namespace) -> int:
         version = served_version(url)
         if models_dir and version and version != read_latest(models_dir):
             print(f"warning: the server serves {version}, {models_dir}/LATEST names another")
-        rows = measure(targets, images, image_list, ceiling_url, models_dir, args)
+        rows = measure(targets, images, image_list, ceiling_url, models_dir, args, server)
 
     print()
     print_table([{**row, "headroom": shown_headroom(row)} for row in rows], COLUMNS)

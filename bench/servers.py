@@ -18,6 +18,7 @@ from pathlib import Path
 import requests
 import torch
 
+from bench.common import cpu_seconds
 from shared.classes import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from shared.model import build_model
 from shared.stores import open_store
@@ -125,7 +126,7 @@ class Server:
         raise RuntimeError(f"{self.url}{path} not 200 after {timeout} s\n{self.log()[-3000:]}")
 
     def wait_compiled(self, timeout: float = 900) -> float:
-        """Wait until every worker's served version is past its background compile (COMPILE,
+        """Wait until every worker's served version is past its background compile (CPU_COMPILE,
         GET /model "compiled"), so that a measurement times what the service settles at."""
         states: dict[int, bool] = {}
 
@@ -136,6 +137,21 @@ class Server:
             return len(states) >= info["workers"] and all(states.values())
 
         return self.wait_for(settled, timeout, "every worker's compile (GET /model)")
+
+    def usage(self) -> dict[str, float]:
+        """Counters for where the time goes: CPU seconds of the server's processes so far, and
+        the batcher's forward passes and images (from /metrics)."""
+        totals = {"inference_batch_images_count": 0.0, "inference_batch_images_sum": 0.0}
+        for line in self.get("/metrics").text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in totals:
+                totals[name] = float(value)
+        return {
+            "cpu_s": cpu_seconds(self.proc.pid),
+            "batches": totals["inference_batch_images_count"],
+            "images": totals["inference_batch_images_sum"],
+            "at": time.monotonic(),
+        }
 
     def stop(self) -> int:
         """SIGTERM, then wait for a graceful exit (SIGKILL to the group after that)."""

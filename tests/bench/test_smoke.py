@@ -104,6 +104,8 @@ def test_forward_load_reload_and_report(data, tmp_path):
         assert row["errors"] == 0 and row["images_per_sec"] > 0, row
         # Both servers' figures, and only theirs, are weighed against the generator's ceiling.
         assert ("headroom" in row) == (server in ("service", "original")), row
+        if server == "service":  # started here: where its time goes, from its own counters
+            assert row["mean_batch"] >= 1 and row["server_cpu_ms_per_image"] > 0, row
 
     reload = bench("reload", "--repeats", "1", "--settle", "0.5", "--jitter", "0", cwd=tmp_path)
     assert len(reload["swaps"]) == 1 and reload["failed"] == 0
