@@ -3,8 +3,12 @@
 Why: on a CPU the eager pass over a few images pays Python and oneDNN overhead per layer, and
 the service's batches are small (16 clients x 1 image on 2 workers: about 4 images a pass).
 TorchInductor with frozen weights fuses each conv with its ReLU and residual add and pre-packs
-the weights. Measured on a 2-core AMD EPYC (AVX2), fp32, 2 threads: batch 1 97 -> 254 img/s,
-batch 8 223 -> 310, batch 16 331 -> 419 (docs/benchmarks.md).
+the weights. Measured on a 2-core AMD EPYC (Zen 3, AVX2), fp32, one torch thread
+(`bench.forward --threads 1`): batch 1 10.0 -> 7.4 ms, batch 4 33.2 -> 26.0, batch 32
+124.7 -> 120.8. With two threads and OMP_WAIT_POLICY=PASSIVE, batch 1 took 35.6 ms against
+10.1 (an OpenMP region per layer, each waking a sleeping thread), and the runner holds the GIL
+for the whole pass; so it is opt-in, and `auto` keeps a package only where it times faster
+(docs/benchmarks.md).
 
 How: two packages, one for batch 1 (a fixed shape lets Inductor choose the best kernels; with
 a dynamic batch, batch 1 gained nothing) and one for batch 2 .. BATCH_MAX_IMAGES. Larger
@@ -38,7 +42,7 @@ from shared.model import build_model, for_inference
 
 log = logging.getLogger(__name__)
 
-# Seconds the child may take before it is stopped (2 cores: 40-60 s seen).
+# Seconds the child may take before it is stopped (2 cores: 31-47 s seen).
 CHILD_TIMEOUT_S = 900.0
 # Batch sizes timed eager vs compiled: the single-image package at 1, the batched one at this.
 TIMED_BATCH = 16
@@ -139,6 +143,8 @@ class Compilation:
                 return None, "cancelled (version replaced)"
             return self._check_and_time(single, batched, time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - any failure: serve eagerly
+            if self._cancelled.is_set():  # the child was stopped on purpose
+                return None, "cancelled (version replaced)"
             return None, f"off (compile failed: {str(exc).strip().splitlines()[-1][:200]})"
         finally:
             shutil.rmtree(work, ignore_errors=True)

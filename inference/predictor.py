@@ -74,6 +74,7 @@ class ServedModel:
         # they are built and checked (start_compile); one assignment, so no lock.
         self.net = self.loaded.model
         self._compilation: Compilation | None = None
+        self._retired = False
         if self.compile == "off":
             self.compiled_note = "off (CPU_COMPILE=off)"
         elif self.loaded.device.type != "cpu":
@@ -139,12 +140,16 @@ class ServedModel:
             self.max_batch,
             only_if_faster=self.compile == "auto",
         )
+        if self._retired:  # replaced before the compile began (retire saw no compilation)
+            self._compilation.cancel()
         self.compiled_note = "compiling (serving eagerly meanwhile)"
         net, note = self._compilation.run()
         self.compiled_note = note
         if net is not None:
             self.net = net
             log.info("version %s: compiled: %s", self.version, note)
+        elif self._retired:
+            log.info("version %s: compile stopped: a newer version serves", self.version)
         else:
             log.warning("version %s: not compiled, serving eagerly: %s", self.version, note)
 
@@ -155,6 +160,7 @@ class ServedModel:
 
     def retire(self) -> None:
         """No longer served: stop compiling it."""
+        self._retired = True
         if self._compilation is not None:
             self._compilation.cancel()
 

@@ -54,6 +54,7 @@ def compile_children(worker_pid: int) -> list[int]:
 @pytest.mark.slow
 @needs_cxx
 def test_compiled_packages_answer_as_eager_and_a_new_version_is_not_held_back(tmp_path):
+    # Also: a version replaced while it compiles has its compile stopped.
     models = tmp_path / "models"
     publish_model(models, seed=0)
     with run_server(models, tmp_path / "eager", CPU_COMPILE="off", WORKERS="1") as eager:
@@ -83,6 +84,14 @@ def test_compiled_packages_answer_as_eager_and_a_new_version_is_not_held_back(tm
         assert server.post("/predict", files={"file": image_bytes()}).status_code == 200
         worker = info["worker_pid"]
         server.wait_for(lambda: compile_children(worker), 30, "the compile child")
+        # Replaced while compiling: that compile is stopped, the newest version's begins.
+        replaced = set(compile_children(worker))
+        newest = publish_model(models, seed=2)
+        server.wait_for(lambda: server.model_version() == newest, 3, "the newest version")
+        server.wait_for(
+            lambda: not replaced & set(compile_children(worker)), 10, "the old compile to stop"
+        )
+        server.wait_for(lambda: compile_children(worker), 30, "the newest version's compile")
     # The worker is gone: its compile child notices and exits rather than finish for nobody.
     deadline = time.monotonic() + 10
     while compile_children(worker) and time.monotonic() < deadline:
