@@ -78,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_noise_options(p, "sample", retries=2)
     a("--skip-original", action="store_true", help="leave out (c)")
+    a(
+        "--compile",
+        action="store_true",
+        help="also (b) with torch.compile, as the trainer's --compile on: steady speed and the "
+        "seconds its first steps took (compiling) beyond that",
+    )
     a("--out", help="JSON path (default bench/results/train_throughput-<device>.json)")
     return p.parse_args(argv)
 
@@ -127,12 +133,16 @@ def measure_trainer(data, config, device, bf16, steps, warmup) -> dict:
     }
 
 
-def measure_bare(config, num_classes, device, bf16, steps, warmup) -> dict:
-    """(b): the same step on one pre-made, normalized, channels_last batch."""
+def measure_bare(config, num_classes, device, bf16, steps, warmup, compile=False) -> dict:
+    """(b): the same step on one pre-made, normalized, channels_last batch; with `compile`, the
+    model under torch.compile (a fresh compile each call: the warm-up pays it)."""
     bs, size = config["batch_size"], config["image_size"]
-    model = build_model(config["arch"], num_classes).to(device, memory_format=torch.channels_last)
-    model.train()
-    opt, _ = make_optimizer(model, config, 1)
+    net = build_model(config["arch"], num_classes).to(device, memory_format=torch.channels_last)
+    net.train()
+    if compile:
+        torch._dynamo.reset()
+    model = torch.compile(net) if compile else net
+    opt, _ = make_optimizer(net, config, 1)
     x = torch.randn(bs, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (bs,), device=device)
 
@@ -144,6 +154,7 @@ def measure_bare(config, num_classes, device, bf16, steps, warmup) -> dict:
         opt.step()
         return loss
 
+    warm_start = time.perf_counter()
     for _ in range(warmup):
         step()
     sync(device)
@@ -152,7 +163,9 @@ def measure_bare(config, num_classes, device, bf16, steps, warmup) -> dict:
         loss = step()
     loss.item()
     seconds = time.perf_counter() - start
-    return {"images_per_sec": steps * bs / seconds, "seconds": seconds}
+    # What the warm-up took beyond steady steps: oneDNN's first calls, and with compile, compiling.
+    first = (start - warm_start) - warmup * seconds / steps
+    return {"images_per_sec": steps * bs / seconds, "seconds": seconds, "first_extra_s": first}
 
 
 def original_dataset(data_dir: Path, config: dict) -> datasets.ImageFolder:
@@ -243,7 +256,11 @@ def main(args: argparse.Namespace) -> int:
     }
     if original is None:
         del measures["c"]
-    samples: dict[str, list[dict]] = {"a": [], "b": [], "c": []}
+    if args.compile:
+        measures["b_compiled"] = lambda: measure_bare(
+            config, len(data.class_names), device, bf16, args.steps, args.warmup_steps, True
+        )
+    samples: dict[str, list[dict]] = {"a": [], "b": [], "c": [], "b_compiled": []}
     for r in range(args.repeats):
         for key, measure in measures.items():
             attempts = []
@@ -302,6 +319,16 @@ def main(args: argparse.Namespace) -> int:
             "others": median("c", "others_cores"),
         },
     ]
+    compiled = median("b_compiled")
+    if compiled:
+        rows.append(
+            {
+                "what": "(b) the same, torch.compile",
+                "ips": compiled,
+                "dtype": dtype,
+                "others": median("b_compiled", "others_cores"),
+            }
+        )
     ratios = {"a_over_b": a / b, "a_over_c": a / c if c else None}
     print(
         f"\n{config['arch']}, batch {config['batch_size']}, {config['image_size']} px, {device}, "
@@ -312,6 +339,17 @@ def main(args: argparse.Namespace) -> int:
     print(f"a/b = {ratios['a_over_b']:.3f} (target >= 0.9)")
     if ratios["a_over_c"]:
         print(f"a/c = {ratios['a_over_c']:.2f}")
+    compile_s = median("b_compiled", "first_extra_s")
+    if compiled:
+        # Images after which the compiled step has made up its compile time (never if slower).
+        gain = 1 / b - 1 / compiled
+        payback = compile_s / gain if gain > 0 else None
+        ratios["compiled_over_b"] = compiled / b
+        ratios["compile_payback_images"] = payback
+        print(
+            f"torch.compile: {compiled / b:.2f} x (b), its first steps {compile_s:.1f} s longer: "
+            + (f"pays back after {payback:,.0f} images" if payback else "never pays back")
+        )
     result.update(
         {
             "settings": {
@@ -328,10 +366,12 @@ def main(args: argparse.Namespace) -> int:
                 "retries": args.retries,
                 "quiet_wait": args.quiet_wait,
                 "original_workers": args.workers,
+                "compile": args.compile,
                 "data_dir": str(data_dir),
             },
             "decode_seconds": round(decode_seconds, 2),
-            "images_per_sec": {"a": a, "b": b, "c": c},
+            "images_per_sec": {"a": a, "b": b, "c": c, "b_compiled": compiled},
+            "compile_seconds": compile_s,
             "train_only_images_per_sec": median("a", "train_only_images_per_sec"),
             "ratios": ratios,
             "samples": samples,
