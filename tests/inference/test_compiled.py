@@ -57,11 +57,14 @@ def test_compiled_packages_answer_as_eager_and_a_new_version_is_not_held_back(tm
     # Also: a version replaced while it compiles has its compile stopped.
     models = tmp_path / "models"
     publish_model(models, seed=0)
-    with run_server(models, tmp_path / "eager", CPU_COMPILE="off", WORKERS="1") as eager:
+    # fp32 whatever AMP=auto would pick on this CPU: the two passes can then be compared to
+    # 1e-4 (bf16 packages are checked more loosely: inference/compiled.py, TOLERANCE).
+    fp32 = {"AMP": "off", "WORKERS": "1"}
+    with run_server(models, tmp_path / "eager", CPU_COMPILE="off", **fp32) as eager:
         wait_ready(eager)
         assert eager.get("/model").json()["compiled"] == "off (CPU_COMPILE=off)"
         want = {n: probabilities(eager, n) for n in (1, 3, 6)}
-    settings = {"CPU_COMPILE": "on", "WORKERS": "1", "BATCH_MAX_IMAGES": "4"}
+    settings = {"CPU_COMPILE": "on", "BATCH_MAX_IMAGES": "4", **fp32}
     with run_server(models, tmp_path / "compiled", MODEL_POLL_SECONDS="0.2", **settings) as server:
         wait_ready(server)
         # Served at once, eagerly, while the packages are built.
