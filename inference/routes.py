@@ -187,7 +187,9 @@ def predict() -> ResponseReturnValue:
             )
         timeout = current_app.config["PREDICT_TIMEOUT_SECONDS"]
         try:
-            job = ticket.submit(served, torch.stack(tensors), timeout)
+            # The connection names the client: keep-alive clients come back on it.
+            client = (request.environ.get("REMOTE_ADDR"), request.environ.get("REMOTE_PORT"))
+            job = ticket.submit(served, torch.stack(tensors), timeout, client=client)
         except (QueueFull, BatchTimeout) as exc:
             metrics.QUEUE_REJECTIONS.inc()
             raise ApiError(

@@ -147,3 +147,25 @@ def test_forward_failure_reaches_every_request_of_the_batch(make_batcher):
     # The batcher thread survives and serves the next request.
     batcher._run_batch = FakeModel()
     assert batcher.submit("m", images(1, 5), timeout=5).probs.item() == 5.0
+
+
+def test_a_pass_waits_for_a_client_just_answered_and_a_lone_client_never_waits(make_batcher):
+    # Keep-alive clients come back right after their answer: the next pass waits for them (up
+    # to max_wait_s) instead of leaving without them, so clients don't split into alternating
+    # halves. A client alone is never waited for: its own request is the one that came back.
+    fake = FakeModel()
+    batcher = make_batcher(fake, max_wait_s=2.0)
+    start = time.perf_counter()
+    for _ in range(3):
+        batcher.submit("m", images(1, 1), timeout=5, client="alone")
+    assert time.perf_counter() - start < 1.0  # three passes, none waited the 2 s
+    assert fake.batches == [1, 1, 1]
+
+    batcher.submit("m", images(1, 1), timeout=5, client="a")  # answered: "a" will be back
+    again = threading.Thread(
+        target=lambda: (time.sleep(0.2), batcher.submit("m", images(1, 2), timeout=5, client="a"))
+    )
+    again.start()
+    batcher.submit("m", images(1, 3), timeout=5, client="b")  # waits for "a"
+    again.join()
+    assert fake.batches == [1, 1, 1, 1, 2]
