@@ -23,6 +23,7 @@ import gunicorn.util
 from gunicorn.errors import HaltServer
 
 # Imports neither torch nor the app (the package imports inference/app.py only on first use).
+from inference import worker as balanced
 from inference.config import load_config
 
 
@@ -41,7 +42,10 @@ _host = SETTINGS["BIND_ADDRESS"]
 wsgi_app = "inference.app:create_served_app()"
 bind = [f"[{_host}]:{SETTINGS['PORT']}" if ":" in _host else f"{_host}:{SETTINGS['PORT']}"]
 workers = WORKERS
-worker_class = "gthread"
+# Gunicorn's gthread worker, accepting least-loaded first across workers (inference/worker.py).
+worker_class = "inference.worker.BalancedThreadWorker"
+if WORKERS > 1:
+    balanced.SLOTS = balanced.make_slots(WORKERS)
 # Concurrent requests per worker: they decode in parallel (PIL releases the GIL) and then
 # wait for the shared batcher, so threads are cheap; match the clients you expect.
 threads = SETTINGS["THREADS"]
@@ -167,7 +171,8 @@ def post_worker_init(worker) -> None:
 
 
 def child_exit(server, worker) -> None:
-    """A worker is gone: drop its live gauges from the merged metrics."""
+    """A worker is gone: free its connection slot, drop its live gauges from the metrics."""
+    balanced.release(worker.pid)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 

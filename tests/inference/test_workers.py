@@ -12,9 +12,12 @@ every request on it, and GET /model names that worker's pid (`worker_pid`).
 
 import http.client
 import json
+import os
 import signal
 import socket
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -212,6 +215,50 @@ def test_metrics_add_up_requests_answered_by_both_workers(two_workers):
     assert delta("inference_images_total", outcome="predicted") == sent, after
     served = server.model_version()
     assert metric_sample(after, "inference_model_info", version=served) == 1, after
+
+
+def opened_at_once(server: Server, count: int) -> Counter:
+    """Open `count` kept-alive connections at once; how many each worker took (then closed)."""
+    conns: list[Pinned] = []
+    threads = [threading.Thread(target=lambda: conns.append(Pinned(server))) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    taken = Counter(conn.pid for conn in conns)
+    for conn in conns:
+        conn.conn.close()
+    time.sleep(0.5)  # the workers see the closes before the next round
+    return taken
+
+
+@pytest.mark.slow
+def test_connections_opened_at_once_split_evenly_also_after_a_worker_is_replaced(two_workers):
+    # Whichever worker wakes first used to take each connection: 16 opened at once split 5/11
+    # or 3/13 as often as 8/8, and the fuller worker queued while the other idled.
+    server = two_workers
+    for conn in every_worker_serving(server):
+        conn.conn.close()
+    time.sleep(0.5)
+    for _ in range(5):  # a random split is within one of 8/8 about half the time
+        taken = opened_at_once(server, 16)
+        assert sorted(taken.values()) == [8, 8], taken
+    # A replaced worker takes the slot of the one that died (else it would take them all).
+    victim = next(iter(taken))
+    os.kill(victim, signal.SIGKILL)
+    pinned = pinned_to_each_worker(server)
+    assert victim not in pinned
+    for conns in pinned.values():
+        server.wait_for(
+            lambda conn=conns[0]: conn.request("GET", "/health/ready")[0] == 200,
+            READY_TIMEOUT_S,
+            "the new worker ready",
+        )
+        conns[0].conn.close()
+    time.sleep(0.5)
+    for _ in range(3):
+        taken = opened_at_once(server, 16)
+        assert sorted(taken.values()) == [8, 8], taken
 
 
 @pytest.mark.slow
