@@ -11,8 +11,8 @@ That second wait is for clients that send request after request (keep-alive conn
 N of them, a pass that starts as soon as anything is queued takes only those that arrived while
 the last pass ran, and the clients can settle into two halves that alternate, each pass half as
 big as it could be. On a 2-core AMD EPYC (Zen 5), 16 clients x 1 image, 2 workers: passes of
-3.3-5.4 images (it varied from run to run) and 407-616 img/s; a fixed 2 ms pause after each pass,
-which this wait replaces, gave 5.8-6.1 images and 642-678 img/s.
+3.2-5.4 images (it varied from run to run) and 363-669 img/s; a fixed 2 ms pause after each pass,
+which this wait replaces, gave 5.8-6.1 images and 642-678 img/s (docs/benchmarks.md).
 """
 
 import logging
