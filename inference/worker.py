@@ -47,8 +47,10 @@ class BalancedThreadWorker(ThreadWorker):
 
     _slot: int | None = None
 
-    def init_process(self) -> None:
-        """Take a free slot, then run the worker (never returns)."""
+    def run(self) -> None:
+        """Take a free slot, then serve. Not before: a worker still loading its model
+        (post_worker_init) must not count as the least loaded, or the others would stop
+        accepting while it cannot."""
         if SLOTS is not None:
             pids, _ = SLOTS
             with pids.get_lock():
@@ -56,7 +58,7 @@ class BalancedThreadWorker(ThreadWorker):
                 if free:  # none: more workers than slots (TTIN); this one accepts freely
                     self._slot = free[0]
                     pids[self._slot] = os.getpid()
-        super().init_process()
+        super().run()
 
     def _publish(self) -> None:
         if self._slot is not None:

@@ -243,9 +243,20 @@ def test_connections_opened_at_once_split_evenly_also_after_a_worker_is_replaced
     for _ in range(5):  # a random split is within one of 8/8 about half the time
         taken = opened_at_once(server, 16)
         assert sorted(taken.values()) == [8, 8], taken
-    # A replaced worker takes the slot of the one that died (else it would take them all).
-    victim = next(iter(taken))
+    # While a worker's replacement loads its model, the other takes every new connection, even
+    # holding more (the replacement counts only once it serves)...
+    victim, survivor = list(taken)
+    kept = pinned_to_each_worker(server)[survivor][0]
     os.kill(victim, signal.SIGKILL)
+    time.sleep(1.5)  # the replacement has started (it imports torch and loads for seconds)
+    fresh = []
+    for _ in range(2):  # the second after the survivor's event loop has looked again
+        start = time.monotonic()
+        fresh.append(Pinned(server))
+        assert (fresh[-1].pid, time.monotonic() - start < 2) == (survivor, True)
+    for conn in [kept, *fresh]:
+        conn.conn.close()
+    # ...and once it serves, it takes the place of the one that died (else it would take all).
     pinned = pinned_to_each_worker(server)
     assert victim not in pinned
     for conns in pinned.values():
