@@ -17,7 +17,7 @@ served copy's weights: torch.export patches torch.nn.Module calls for the whole 
 it traces, and eager passes in the server's other threads then failed ("module is not
 installed as a submodule"), so it never runs in the server. The child runs at a lower CPU
 priority and exits with its parent. The worker loads the packages, checks each against the
-eager pass (same tolerance as CUDA graphs), times both ways and keeps a package only where it
+eager pass (TOLERANCE below), times both ways and keeps a package only where it
 is the faster. Until then, tens of seconds on 2 cores, the version serves eagerly: a reload
 still takes effect within its 3 s. Any failure (no C++ compiler, out of memory) leaves the
 version eager with one warning line; it never refuses a version.
@@ -39,6 +39,7 @@ from torch import nn
 
 from inference.graphs import TOLERANCE as REPLAY_TOLERANCE
 from shared.model import build_model, for_inference
+from shared.precision import fastest_seconds
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +89,9 @@ def _example(n: int, image_size: int, bf16: bool, channels_last: bool) -> torch.
 
 
 def _best_ms(run, x: torch.Tensor, repeats: int = 5) -> float:
-    """Minimum of `repeats` timed calls after one warm-up (noise only ever adds time)."""
+    """`run(x)`'s fastest of `repeats` calls, ms."""
     with torch.inference_mode():
-        run(x)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run(x)
-            best = min(best, time.perf_counter() - t0)
-    return best * 1000
+        return fastest_seconds(lambda: run(x), torch.device("cpu"), repeats) * 1000
 
 
 def _agrees(package, eager: nn.Module, x: torch.Tensor, tolerance: float) -> float:

@@ -69,6 +69,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def fastest_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """One warm-up call of `run` (oneDNN/cuDNN pick and cache kernels on the first), then the
+    minimum of `repeats` timed calls: noise only ever adds time."""
+    run()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def choose(
     run: Callable[[bool, bool], object],
     options: list[tuple[bool, bool]],
@@ -80,14 +94,7 @@ def choose(
     `repeats`) and return the fastest. A single option is timed too: callers plan with it."""
     timings: dict[str, float] = {}
     for bf16, cl in options:
-        run(bf16, cl)  # warm-up: oneDNN/cuDNN pick and cache kernels on the first call
-        _sync(device)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run(bf16, cl)
-            _sync(device)
-            best = min(best, time.perf_counter() - t0)
+        best = fastest_seconds(lambda bf16=bf16, cl=cl: run(bf16, cl), device, repeats)
         timings[variant_name(bf16, cl)] = round(best * 1000, 2)
     bf16, cl = min(options, key=lambda o: timings[variant_name(*o)])
     if len(options) == 1:
