@@ -277,13 +277,15 @@ else
 fi
 # The inference service stays up (unhealthy) instead of exiting into its restart policy.
 nogpu=$(compose run -d -e REQUIRE_GPU=1 inference | tr -d '\r') || true
+# The logs are read whole, then matched: under pipefail, `docker logs | grep -q` fails when grep
+# exits at its match before docker logs has written the rest (SIGPIPE), as it once did in CI.
 for ((i = 0; i < 60; i++)); do
-  "$DOCKER" logs "$nogpu" 2>&1 | grep -q "waiting (unhealthy)" && break
+  [[ $("$DOCKER" logs "$nogpu" 2>&1) == *"waiting (unhealthy)"* ]] && break
   sleep 1
 done
 sleep 3 # an exit after the message would show now
 state=$("$DOCKER" inspect -f '{{.State.Running}} {{.RestartCount}}' "$nogpu" 2>/dev/null) || true
-if [[ $state == "true 0" ]] && "$DOCKER" logs "$nogpu" 2>&1 | grep -q "NVIDIA Container Toolkit"; then
+if [[ $state == "true 0" && $("$DOCKER" logs "$nogpu" 2>&1) == *"NVIDIA Container Toolkit"* ]]; then
   pass "REQUIRE_GPU=1 without CUDA: inference stays up with the message, not restarted"
 else
   fail "REQUIRE_GPU=1 inference: state '$state'; $("$DOCKER" logs "$nogpu" 2>&1 | tail -n 5)"
