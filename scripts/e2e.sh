@@ -86,6 +86,9 @@ cleanup() {
   fi
   # With the S3 override: its service and its named volume go too (-v).
   compose -f docker-compose.s3.yml down -v --remove-orphans --timeout 45 >/dev/null 2>&1 || true
+  # Each build with changed sources leaves the previous images untagged (GBs each, torch):
+  # drop those, keep the tagged ones as the next build's cache.
+  "$DOCKER" image prune -f >/dev/null 2>&1 || true
   if [[ ${E2E_KEEP:-0} == 1 ]]; then
     echo "kept $WORK"
   else

@@ -56,6 +56,15 @@ def make_slow_folders(root: Path, per_class: int) -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def inductor_cache(tmp_path_factory) -> Path:
+    """torch.compile's cache (CPU_COMPILE servers, compiled training) in this run's temp folder:
+    its default, /tmp/torchinductor_$USER, outlives every run and grew to GBs."""
+    cache = tmp_path_factory.mktemp("inductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    return cache
+
+
 @pytest.fixture
 def image_folders(tmp_path: Path) -> Path:
     """A train-only dataset of 10 classes x 8 images."""
