@@ -17,6 +17,7 @@ from pathlib import Path
 
 import requests
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import cpu_seconds
 from shared.classes import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
@@ -142,10 +143,10 @@ class Server:
         """Counters for where the time goes: CPU seconds of the server's processes so far, and
         the batcher's forward passes and images (from /metrics)."""
         totals = {"inference_batch_images_count": 0.0, "inference_batch_images_sum": 0.0}
-        for line in self.get("/metrics").text.splitlines():
-            name, _, value = line.partition(" ")
-            if name in totals:
-                totals[name] = float(value)
+        for family in text_string_to_metric_families(self.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name in totals:
+                    totals[sample.name] = sample.value
         return {
             "cpu_s": cpu_seconds(self.proc.pid),
             "batches": totals["inference_batch_images_count"],

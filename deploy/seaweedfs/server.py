@@ -62,6 +62,7 @@ def weed_command(
     """
     return [
         weed_binary(),
+        "-logtostderr",  # the log on stderr only (the caller keeps it), no glog files in /tmp
         "server",
         f"-dir={data}",
         f"-ip={ip}",
