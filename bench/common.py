@@ -219,11 +219,18 @@ def header(name: str) -> dict:
 
 
 def write_result(result: dict, out: str | None, default_name: str) -> Path:
-    """Write `result` (with the load average at the end) as JSON; return the path."""
+    """Write `result` (with the load average at the end) as JSON; return the path.
+
+    out: a file, or a folder (one that exists, or a path ending in "/") to write
+    `default_name` into; None: bench/results/. A folder given for a file cost a finished
+    run once (os.replace onto a directory, after minutes of measuring).
+    """
     from shared.store import atomic_write_json
 
     result["load_average_after"] = load_average()
-    path = Path(out) if out else RESULTS_DIR / default_name
+    path = Path(out) if out else RESULTS_DIR
+    if not out or path.is_dir() or out.endswith("/"):
+        path = path / default_name
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, result)
     return path

@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="the trainer's --decode-workers (default %(default)s: one per core)",
     )
-    p.add_argument("--out", help="JSON path (default bench/results/decode.json)")
+    p.add_argument("--out", help="JSON file or folder (default bench/results/decode.json)")
     return p.parse_args(argv)
 
 

@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time the service's compiled pass (about a minute to build on 2 cores); "
         "default env CPU_COMPILE, else off",
     )
-    p.add_argument("--out", help="JSON path (default bench/results/forward-cpu.json)")
+    p.add_argument("--out", help="JSON file or folder (default bench/results/forward-cpu.json)")
     return p.parse_args(argv)
 
 

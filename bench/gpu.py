@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default 1,auto; with --cpu-smoke 1,2)",
     )
     a("--wrk-threads", help="wrk threads of the serving grid (default 4; with --cpu-smoke 2)")
-    a("--out", help="JSON path (default bench/results/gpu-<device>.json)")
+    a("--out", help="JSON file or folder (default bench/results/gpu-<device>.json)")
     args = p.parse_args(argv)
     if args.workers is None:
         args.workers = "1,2" if args.cpu_smoke else "1,auto"

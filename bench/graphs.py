@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--check-sizes", type=int_list, default=[1, 3, 8, 32, 33, 64], help="agreement rows")
     a("--iterations", type=int, default=300, help="single-image requests per round (300)")
     a("--rounds", type=int, default=3, help="interleaved rounds; the fastest counts (3)")
-    a("--out", help="JSON path (default bench/results/graphs-<device>.json)")
+    a("--out", help="JSON file or folder (default bench/results/graphs-<device>.json)")
     return p.parse_args(argv)
 
 

@@ -125,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_noise_options(p, "setting", retries=0)
     a("--label", default="", help="name for this run in the JSON file name")
-    a("--out", help="JSON path (default bench/results/load[-LABEL].json)")
+    a("--out", help="JSON file or folder (default bench/results/load[-LABEL].json)")
     args = p.parse_args(argv)
     if not args.url and not args.start_server:
         p.error("give --url, or --start-server with --models-dir")

@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="setting for the started Gunicorn (repeatable), e.g. MODEL_POLL_SECONDS=1",
     )
-    a("--out", help="JSON path (default bench/results/reload.json)")
+    a("--out", help="JSON file or folder (default bench/results/reload.json)")
     args = p.parse_args(argv)
     if args.url and not args.models_dir:
         p.error("--url needs --models-dir: the store that server reads")

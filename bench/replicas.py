@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--reloads", type=int, default=3, help="versions published per count (default 3)")
     a("--poll-seconds", type=float, default=2.0, help="MODEL_POLL_SECONDS (default 2)")
     a("--torch-threads", type=int, default=0, help="TORCH_THREADS per replica (0: cores / N)")
-    a("--out", help="JSON path (default bench/results/replicas.json)")
+    a("--out", help="JSON file or folder (default bench/results/replicas.json)")
     return p.parse_args(argv)
 
 

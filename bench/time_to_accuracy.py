@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         help="report the wall time to this valid accuracy; repeatable (default 0.75 and 0.8)",
     )
-    a("--out", help="JSON path (default bench/results/time_to_accuracy-<device>.json)")
+    a("--out", help="JSON file or folder (default bench/results/time_to_accuracy-<device>.json)")
     a("trainer_args", nargs=argparse.REMAINDER, help="-- then extra trainer options")
     args = p.parse_args(argv)
     args.trainer_args = [x for x in args.trainer_args if x != "--"]

@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also (b) with torch.compile, as the trainer's --compile on: steady speed and the "
         "seconds its first steps took (compiling) beyond that",
     )
-    a("--out", help="JSON path (default bench/results/train_throughput-<device>.json)")
+    a("--out", help="JSON file or folder (default bench/results/train_throughput-<device>.json)")
     return p.parse_args(argv)
 
 
