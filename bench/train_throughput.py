@@ -39,7 +39,7 @@ from shared.device import check_device_name, resolve_device, usable_cpu_count
 from shared.model import ARCHS, build_model, use_bf16
 from shared.preprocess import normalize_batch
 from trainer.__main__ import load_data
-from trainer.__main__ import parse_args as trainer_args
+from trainer.cli import parse_args as trainer_args
 from trainer.loop import evaluate, make_optimizer, shard_batches, train_one_epoch
 
 

@@ -64,7 +64,7 @@ RECIPES: dict[str, dict] = {
 CHECKPOINT_SECONDS = 1.0
 
 # The recipe's own options (the older ones -- arch, batch size, lr, epochs, label smoothing,
-# crop padding, warm-up -- are in trainer/__main__.py with default None). Same tuple shape:
+# crop padding, warm-up -- are in trainer/cli.py with default None). Same tuple shape:
 # flag, env var, type, default, choices, meaning.
 # fmt: off
 RECIPE_OPTIONS = [

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.conftest import run_trainer
-from trainer.__main__ import parse_args
+from trainer.cli import parse_args
 
 
 def test_device_cuda_n_from_the_environment_is_a_valid_trainer_device(monkeypatch):

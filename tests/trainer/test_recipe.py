@@ -14,7 +14,7 @@ from shared.model import build_model
 from shared.precision import Choice, candidates
 from shared.preprocess import augment_batch, normalize_batch
 from tests.conftest import make_image_folders, run_trainer
-from trainer.__main__ import parse_args
+from trainer.cli import parse_args
 from trainer.data import Split
 from trainer.ema import EMA
 from trainer.loop import evaluate, lr_factor, zero_init_residual
