@@ -70,9 +70,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Several workers: prometheus_client must write its values to files that /metrics merges. It
 # chooses its storage when first imported, so the variable is set before any import of it.
-_OWN_METRICS_DIR = WORKERS > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-if _OWN_METRICS_DIR:
+# A folder made here is marked as this master's in INFERENCE_OWN_METRICS_DIR: a SIGHUP runs
+# this file again, with the variable already set, and the master must still remove it at exit.
+if WORKERS > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="inference-metrics-")
+    os.environ["INFERENCE_OWN_METRICS_DIR"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
 def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
@@ -180,6 +182,7 @@ def child_exit(server, worker) -> None:
 
 
 def on_exit(server) -> None:
-    """Master exit: remove the metrics folder this config created."""
-    if _OWN_METRICS_DIR:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    """Master exit: remove the metrics folder this master created."""
+    own = os.environ.get("INFERENCE_OWN_METRICS_DIR")
+    if own and own == os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        shutil.rmtree(own, ignore_errors=True)

@@ -72,11 +72,15 @@ def test_sigterm_finishes_the_request_in_flight_and_exits(tmp_path):
 
 @pytest.mark.slow
 def test_sighup_reload_under_load_fails_no_request(tmp_path):
-    # On SIGHUP Gunicorn starts a new worker and stops the old one at once: the new worker
-    # must not take requests before its model is loaded (they would get 503 no_model).
+    # On SIGHUP Gunicorn starts new workers and stops the old ones at once: a new worker
+    # must not take requests before its model is loaded (they would get 503 no_model). Two
+    # workers: SIGHUP re-reads gunicorn.conf.py, and the master must still remove the metrics
+    # folder it made (in TMPDIR) when it exits.
     models_dir = tmp_path / "models"
     version = publish_model(models_dir)
-    with run_server(models_dir, tmp_path) as server:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    with run_server(models_dir, tmp_path, WORKERS="2", TMPDIR=str(tmp)) as server:
         wait_ready(server)
         old_workers = set(process_tree(server.proc.pid)) - {server.proc.pid}
         load = Load(server.url, [KIND], concurrency=4).start()
@@ -90,3 +94,5 @@ def test_sighup_reload_under_load_fails_no_request(tmp_path):
     assert len(outcomes) > 20, summary(outcomes)
     assert not [o for o in outcomes if o.problem], summary(outcomes)
     assert {o.version for o in outcomes} == {version}
+    assert server.proc.returncode == 0
+    assert not list(tmp.glob("inference-metrics-*"))
