@@ -137,7 +137,7 @@ class Compilation:
     def run(self) -> tuple[CompiledNet | None, str]:
         """(the compiled network or None, a one-line note for GET /model and the log)."""
         start = time.perf_counter()
-        work = Path(tempfile.mkdtemp(prefix="compile-"))
+        work = Path(tempfile.mkdtemp(prefix=f"compile-{os.getpid()}-"))
         try:
             single, batched = self._build(work)
             if self._cancelled.is_set():
@@ -211,10 +211,12 @@ class Compilation:
         return net, f"batch sizes {span}, built in {seconds:.0f} s; {'; '.join(parts)}"
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Exit when the server worker that started this child is gone (it cannot clean up)."""
+def _exit_with_parent(parent: int, work: Path) -> None:
+    """Exit when the server worker that started this child is gone, removing the folder it
+    made for this build (its own cleanup died with it)."""
     while os.getppid() == parent:
         time.sleep(1)
+    shutil.rmtree(work, ignore_errors=True)
     os._exit(3)
 
 
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent", type=int, default=0, help="exit when this pid is gone")
     args = p.parse_args(argv)
     if args.parent:
-        threading.Thread(target=_exit_with_parent, args=(args.parent,), daemon=True).start()
+        watch = (args.parent, Path(args.out))
+        threading.Thread(target=_exit_with_parent, args=watch, daemon=True).start()
     os.nice(10)  # serving comes first
     torch.set_num_threads(1)
     # The same copy the server built: fold a fresh network, then load the served weights.

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,6 +101,8 @@ def test_compiled_packages_answer_as_eager_and_a_new_version_is_not_held_back(tm
     while compile_children(worker) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert compile_children(worker) == []
+    # Nor is the folder it compiled in left behind (the worker's cleanup never ran).
+    assert not list(Path(tempfile.gettempdir()).glob(f"compile-{worker}-*"))
     assert "Traceback" not in server.log()
 
 
