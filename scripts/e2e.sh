@@ -86,9 +86,10 @@ cleanup() {
   fi
   # With the S3 override: its service and its named volume go too (-v).
   compose -f docker-compose.s3.yml down -v --remove-orphans --timeout 45 >/dev/null 2>&1 || true
-  # Each build with changed sources leaves the previous images untagged (GBs each, torch):
-  # drop those, keep the tagged ones as the next build's cache.
-  "$DOCKER" image prune -f >/dev/null 2>&1 || true
+  # Each build with changed sources leaves this project's previous images untagged (GBs each,
+  # torch): drop those (only this compose project's), keep the tagged ones as build cache.
+  "$DOCKER" image prune -f --filter "label=com.docker.compose.project=$PROJECT" >/dev/null 2>&1 ||
+    true
   if [[ ${E2E_KEEP:-0} == 1 ]]; then
     echo "kept $WORK"
   else
