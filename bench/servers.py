@@ -142,15 +142,11 @@ class Server:
     def usage(self) -> dict[str, float]:
         """Counters for where the time goes: CPU seconds of the server's processes so far, and
         the batcher's forward passes and images (from /metrics)."""
-        totals = {"inference_batch_images_count": 0.0, "inference_batch_images_sum": 0.0}
-        for family in text_string_to_metric_families(self.get("/metrics").text):
-            for sample in family.samples:
-                if sample.name in totals:
-                    totals[sample.name] = sample.value
+        text = self.get("/metrics").text
         return {
             "cpu_s": cpu_seconds(self.proc.pid),
-            "batches": totals["inference_batch_images_count"],
-            "images": totals["inference_batch_images_sum"],
+            "batches": metric_sample(text, "inference_batch_images_count"),
+            "images": metric_sample(text, "inference_batch_images_sum"),
             "at": time.monotonic(),
         }
 
@@ -164,6 +160,16 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         return self.proc.returncode
+
+
+def metric_sample(text: str, name: str, **labels: str) -> float:
+    """Sum of the `name` samples whose labels include `labels`, in Prometheus text (0: none)."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 @contextmanager

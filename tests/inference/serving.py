@@ -5,14 +5,21 @@ benchmarks start the service the same way.
 """
 
 import io
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
 
-from bench.servers import REPO, Server, free_port, gunicorn, gunicorn_command, publish_model
+from bench.servers import (
+    REPO,
+    Server,
+    free_port,
+    gunicorn,
+    gunicorn_command,
+    metric_sample,
+    publish_model,
+)
 
 __all__ = [
     "REPO",
@@ -49,16 +56,3 @@ def wait_ready(server: Server, timeout: float = 60) -> None:
     server.wait_for(
         lambda: server.get("/health/ready").status_code == 200, timeout, "/health/ready 200"
     )
-
-
-def metric_sample(text: str, name: str, **labels: str) -> float:
-    """Sum of the `name` samples whose labels include `labels`, in Prometheus text (0: none)."""
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{re.escape(name)}(\{{(.*)\}})? (\S+)$", line)
-        if not match:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(match.group(3))
-    return total
